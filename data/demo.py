@@ -1,0 +1,226 @@
+"""Offline demo assets: a synthetic Anthropic-HH-format dataset, a small tokenizer and a tiny model config.
+
+Regenerate everything under recipes/demo/ (the output is byte-for-byte the same on every run):
+
+    python -m data.demo
+
+Use the rows and the checker directly:
+
+    from data.demo import make_rows, check_answer
+    rows = make_rows(8, seed=0)
+    prompt = rows[0]["chosen"][: rows[0]["chosen"].rindex("\\n\\nAssistant:") + len("\\n\\nAssistant:")]
+    check_answer(prompt, " 42<|endoftext|>")
+
+Every prompt is one of a few small tasks whose answer a function computes from the prompt: the number after a
+given number, repeating a short list of words, saying it backwards, counting its words, and (two turns) naming
+the n-th of three words given in the previous turn. Answers are a handful of tokens, so a ~1M-parameter model
+learns them in about two minutes on a laptop CPU.
+
+`check_answer` reads a completion (the generated text after the prompt) up to the first EOS string,
+"\\n\\nHuman:" or "\\n\\nAssistant:", strips surrounding whitespace, and requires exact equality with the answer.
+"""
+
+import json
+import random
+import re
+from pathlib import Path
+
+OUT_DIR = Path(__file__).resolve().parents[1] / "recipes" / "demo"
+EOS = "<|endoftext|>"
+N_TRAIN = 4000
+N_TEST = 300
+SEED = 0
+VOCAB_SIZE = 512  # an upper bound: merges stop earlier because the texts use few distinct words
+
+WORDS = ["red", "blue", "green", "gold", "cat", "dog", "fox", "owl",
+         "sun", "moon", "star", "tree", "fish", "bird", "rock", "rain"]
+ORDINALS = ["first", "second", "third"]
+
+# Templates: the prompt text of each task, parsed back by `expected_answer`.
+NEXT = "What number comes after {n}?"
+REPEAT = "Repeat after me: {words}"
+REVERSE = "Say these words in reverse order: {words}"
+COUNT = "How many words are in this list: {words}?"
+RECALL_FIRST = "Here are three words: {words}. Keep them in mind."
+RECALL_ACK = "OK, I will keep them in mind."
+RECALL_ASK = "What was the {ordinal} word?"
+
+
+def _dialogue(turns: list[str]) -> str:
+    """HH text from alternating Human/Assistant turns, ending with an open Assistant turn."""
+    text = ""
+    for i, turn in enumerate(turns):
+        text += ("\n\nHuman: " if i % 2 == 0 else "\n\nAssistant: ") + turn
+    return text + "\n\nAssistant:"
+
+
+def _words(rng: random.Random, lo: int, hi: int) -> list[str]:
+    return [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
+
+
+def _replace_one(rng: random.Random, words: list[str]) -> list[str]:
+    wrong = list(words)
+    i = rng.randrange(len(wrong))
+    wrong[i] = rng.choice([w for w in WORDS if w != wrong[i]])
+    return wrong
+
+
+def _make_example(rng: random.Random) -> tuple[str, str, str]:
+    """(prompt, correct answer, wrong answer) for one randomly drawn task."""
+    task = rng.randrange(5)
+    if task == 0:
+        n = rng.randrange(1000)
+        wrong = rng.choice([n, n + 2, n + 10])
+        return _dialogue([NEXT.format(n=n)]), str(n + 1), str(wrong)
+    if task == 1:
+        words = _words(rng, 2, 5)
+        return (_dialogue([REPEAT.format(words=" ".join(words))]), " ".join(words),
+                " ".join(_replace_one(rng, words)))
+    if task == 2:
+        words = _words(rng, 2, 4)
+        while words == words[::-1]:  # a palindrome would make the unreversed list correct too
+            words = _words(rng, 2, 4)
+        return _dialogue([REVERSE.format(words=" ".join(words))]), " ".join(words[::-1]), " ".join(words)
+    if task == 3:
+        words = _words(rng, 1, 7)
+        wrong = len(words) + rng.choice([-1, 1]) if len(words) > 1 else 2
+        return _dialogue([COUNT.format(words=" ".join(words))]), str(len(words)), str(wrong)
+    words = [rng.choice(WORDS) for _ in range(3)]
+    k = rng.randrange(3)
+    prompt = _dialogue([RECALL_FIRST.format(words=" ".join(words)), RECALL_ACK, RECALL_ASK.format(ordinal=ORDINALS[k])])
+    return prompt, words[k], rng.choice([w for w in WORDS if w != words[k]])
+
+
+def make_rows(n: int, seed: int) -> list[dict]:
+    """n HH rows {"chosen", "rejected"} with distinct prompts; chosen ends in the correct answer, rejected in a wrong one."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        prompt, right, wrong = _make_example(rng)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        rows.append({"chosen": f"{prompt} {right}", "rejected": f"{prompt} {wrong}"})
+    return rows
+
+
+def make_splits(n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = SEED) -> tuple[list[dict], list[dict]]:
+    """(train, test): one draw of distinct prompts, the first n_test for test, so the splits never share a prompt."""
+    rows = make_rows(n_train + n_test, seed)
+    return rows[n_test:], rows[:n_test]
+
+
+def expected_answer(prompt: str) -> str:
+    """The correct answer to a demo prompt (text ending with "\\n\\nAssistant:"); ValueError if it is not one."""
+    turns = re.split(r"\n\n(?:Human|Assistant): ", prompt.removesuffix("\n\nAssistant:"))
+    if turns[0] != "" or not prompt.endswith("\n\nAssistant:"):
+        raise ValueError(f"not a demo prompt: {prompt!r}")
+    turns = turns[1:]
+    if len(turns) == 1:
+        text = turns[0]
+        if m := re.fullmatch(r"What number comes after (\d+)\?", text):
+            return str(int(m[1]) + 1)
+        if m := re.fullmatch(r"Repeat after me: ([a-z ]+)", text):
+            return m[1]
+        if m := re.fullmatch(r"Say these words in reverse order: ([a-z ]+)", text):
+            return " ".join(m[1].split()[::-1])
+        if m := re.fullmatch(r"How many words are in this list: ([a-z ]+)\?", text):
+            return str(len(m[1].split()))
+    if len(turns) == 3 and turns[1] == RECALL_ACK:
+        first = re.fullmatch(r"Here are three words: ([a-z]+) ([a-z]+) ([a-z]+)\. Keep them in mind\.", turns[0])
+        ask = re.fullmatch(r"What was the ([a-z]+) word\?", turns[2])
+        if first and ask and ask[1] in ORDINALS:
+            return first[ORDINALS.index(ask[1]) + 1]
+    raise ValueError(f"not a demo prompt: {prompt!r}")
+
+
+def extract_answer(completion: str) -> str:
+    """The answer part of a completion: up to the first EOS, "\\n\\nHuman:" or "\\n\\nAssistant:", stripped."""
+    for stop in (EOS, "\n\nHuman:", "\n\nAssistant:"):
+        completion = completion.split(stop, 1)[0]
+    return completion.strip()
+
+
+def check_answer(prompt: str, completion: str) -> bool:
+    """Whether the completion generated after `prompt` answers it exactly (see `extract_answer` for the cut)."""
+    return extract_answer(completion) == expected_answer(prompt)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
+    """Byte-level BPE with single-digit tokens and EOS as the only special token (a `tokenizers.Tokenizer`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    # Single digits keep numbers compositional, so counting up generalises to unseen numbers.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def model_config(vocab_size: int, eos_token_id: int) -> dict:
+    """A tiny Llama config (~1M parameters), random init only; no weights are shipped."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "head_dim": 32,
+        "hidden_act": "silu",
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "initializer_range": 0.02,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": None,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": None,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def write_assets(out_dir: Path = OUT_DIR) -> None:
+    """Write train.jsonl, test.jsonl, the tokenizer files and config.json into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, test = make_splits()
+    _write_jsonl(out_dir / "train.jsonl", train)
+    _write_jsonl(out_dir / "test.jsonl", test)
+    tokenizer = train_tokenizer([text for row in train for text in (row["chosen"], row["rejected"])])
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    # Written by hand rather than by transformers' save_pretrained so the bytes do not depend on its version.
+    _write_json(out_dir / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOS,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 256,
+    })
+    _write_json(out_dir / "special_tokens_map.json", {"eos_token": EOS})
+    _write_json(out_dir / "config.json", model_config(tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS)))
+
+
+if __name__ == "__main__":
+    write_assets()
+    print(f"wrote {sorted(p.name for p in OUT_DIR.iterdir())} to {OUT_DIR}")

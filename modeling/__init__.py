@@ -1,0 +1,1 @@
+"""Model loading, loss and export for SFT of Hugging Face causal LMs."""

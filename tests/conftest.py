@@ -1,0 +1,36 @@
+"""Tests run offline, on CPU, without wandb; shared fixtures for real data and tiny models."""
+
+import os
+
+for var, value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(var, value)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+HH_ROWS = SHARED / "data" / "hh" / "harmless-base-test-300.jsonl.gz"
+REFERENCE = SHARED / "data" / "reference"
+
+
+@pytest.fixture
+def hh_rows_path() -> Path:
+    if not HH_ROWS.is_file():
+        pytest.skip(f"real HH rows not available at {HH_ROWS}")
+    return HH_ROWS
+
+
+@pytest.fixture
+def reference_dir() -> Path:
+    if not (REFERENCE / "tiny-gpt2").is_dir():
+        pytest.skip(f"reference outputs not available at {REFERENCE}")
+    return REFERENCE

@@ -1,0 +1,1 @@
+"""Training: the config tree, distributed setup, checkpoints, metric logging and plots."""

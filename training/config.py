@@ -1,0 +1,409 @@
+"""The one config tree of a training run.
+
+Defaults live here and only here. A run's config is built in three layers, later ones winning:
+
+    defaults (this file)  <-  recipe YAML  <-  dotted command-line overrides
+
+    python sft_train.py recipes/pythia28_hh.yaml lr=1e-6 model.policy_dtype=bfloat16 datasets=[hh,shp]
+    python sft_train.py model=pythia28 datasets=[hh] exp_name=x
+
+`model` names a preset (`model=pythia28`, or `model: {name: pythia28, ...}` in YAML); the preset fills the model fields and any
+explicit `model.*` key wins over it. Unknown keys and values of the wrong type are errors that name the key (and the closest valid
+key); `validate` checks the cross-field rules before anything expensive happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "blank_model"
+    """Preset that fills the other fields: blank_model, gpt2-large, gpt2-xl, gptj, llama7b, pythia28, pythia69."""
+    name_or_path: str | None = None
+    """Hub id or local directory given to `AutoModelForCausalLM.from_pretrained`. Required for blank_model."""
+    tokenizer_name_or_path: str | None = None
+    """Tokenizer hub id or directory; null means the same as name_or_path."""
+    block_name: str | None = None
+    """Class name of the transformer block (e.g. LlamaDecoderLayer): the unit FSDP wraps and activation checkpointing applies to."""
+    policy_dtype: str = "float32"
+    """dtype of the weights as loaded: master weights and optimizer state stay in it (float32, bfloat16, float16)."""
+    fsdp_policy_mp: str | None = None
+    """FSDP mixed-precision dtype for compute and gradient reduction (e.g. bfloat16); null keeps policy_dtype."""
+    reference_dtype: str = "float16"
+    """dtype of the DPO reference model. Unused by SFT; kept so a config is shared with the DPO stage."""
+    archive: str | None = None
+    """A previous policy.pt whose `state` is loaded (strict) into the model before training."""
+    random_init: bool = False
+    """Build the model from its config.json with random weights instead of loading weights (tiny demo/test models)."""
+    trust_remote_code: bool = False
+    """Allow model code from the model's repository. Only set it for a repository you trust."""
+    device_map: str | None = None
+    """`balanced` spreads the layers of one process over all visible GPUs (single-process multi-GPU). Not with FSDP/DDP."""
+    attn_implementation: str | None = None
+    """transformers attention kernel (sdpa, eager, flash_attention_2); null lets transformers choose."""
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "blank_model": {"name_or_path": None, "block_name": None},
+    "gpt2-large": {"name_or_path": "gpt2-large", "block_name": "GPT2Block"},
+    "gpt2-xl": {"name_or_path": "gpt2-xl", "block_name": "GPT2Block"},
+    "gptj": {"name_or_path": "EleutherAI/gpt-j-6b", "block_name": "GPTJBlock"},
+    "llama7b": {"name_or_path": "huggyllama/llama-7b", "block_name": "LlamaDecoderLayer"},
+    "pythia28": {"name_or_path": "EleutherAI/pythia-2.8b", "block_name": "GPTNeoXLayer"},
+    "pythia69": {"name_or_path": "EleutherAI/pythia-6.9b", "block_name": "GPTNeoXLayer"},
+}
+
+
+@dataclass
+class LossConfig:
+    name: str = "sft"
+    """Training objective. Only `sft` is implemented by this suite."""
+    normalize: str = "example"
+    """`example`: per-example summed NLL averaged over the step's examples (the reference; longer answers weigh more).
+    `token`: summed NLL divided by the step's supervised-token count across all micro-batches and processes."""
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    """Log to Weights & Biases (main process only). Off in debug mode."""
+    entity: str | None = None
+    """wandb entity (team or user); null uses your default."""
+    project: str = "direct-preference-optimization"
+    """wandb project."""
+
+
+@dataclass
+class Config:
+    exp_name: str | None = None
+    """Name of the run: part of the run directory name and the wandb run name. Required."""
+    seed: int = 0
+    """Seeds torch/numpy/random and the data order (seed 0 gives the reference order)."""
+    datasets: list[str] = field(default_factory=lambda: ["hh"])
+    """Datasets to train on, concatenated in this order: hh, shp, se, jsonl."""
+    data_files: dict[str, Any] = field(default_factory=dict)
+    """Local files per dataset and split instead of the hub: data_files.hh.train=PATH (a path, glob or list; gzip ok)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model; `model=NAME` picks a preset."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The objective."""
+
+    batch_size: int = 4
+    """Global batch in examples per optimizer step: all processes x all micro-batches."""
+    eval_batch_size: int = 16
+    """Global eval batch in examples."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step; a micro-batch holds batch_size / (this x data-parallel processes) examples per process."""
+    lr: float = 5e-7
+    """Peak learning rate, reached after warmup_steps and then held constant (the reference has no decay)."""
+    optimizer: str = "RMSprop"
+    """Any torch.optim class name, built with (params, lr=lr) and torch defaults."""
+    warmup_steps: int = 150
+    """Linear warmup length in optimizer steps: update k (from 0) uses lr * min(1, (k + 1) / (warmup_steps + 1))."""
+    max_grad_norm: float = 10.0
+    """Gradient clipping threshold (the logged grad_norm is the norm before clipping)."""
+    max_length: int = 512
+    """Maximum tokens of prompt + response."""
+    max_prompt_length: int = 256
+    """Prompt tokens kept when prompt + response exceed max_length."""
+    n_epochs: int | None = 1
+    """Passes over the training data; training stops at n_epochs or n_examples, whichever comes first."""
+    n_examples: int | None = None
+    """Stop after this many training examples (counted as the reference does); null means no limit."""
+    n_eval_examples: int = 256
+    """Size of the fixed eval set: the first n_eval_examples of the shuffled test split."""
+    eval_every: int = 20000
+    """Evaluate (and save a step checkpoint) every this many examples; rounded down to a multiple of batch_size."""
+    do_first_eval: bool = True
+    """Evaluate before the first update."""
+    sample_during_eval: bool = True
+    """Generate completions for some eval prompts at each eval."""
+    n_eval_model_samples: int = 16
+    """Number of eval prompts to generate for."""
+    max_new_tokens: int | None = None
+    """Cap on generated tokens when sampling; null generates up to max_length in total, as the reference."""
+    minimum_log_interval_secs: float = 1.0
+    """Console and wandb log at most this often; metrics.jsonl gets every step."""
+
+    local_dirs: list[str] = field(default_factory=lambda: ["/scr-ssd", "/scr", ".cache"])
+    """Candidate roots for caches and runs: the first existing writable one is used, plus /<username>."""
+    run_dir: str | None = None
+    """Where this run writes; null makes {local_dir}/{user}/{exp_name}_{timestamp}."""
+    resume_from: str | None = None
+    """Checkpoint to resume: a step-N or LATEST dir, or `auto` for the newest complete checkpoint in run_dir."""
+    keep_last: int | None = None
+    """Keep only the newest this-many step-N checkpoints; null keeps all."""
+    debug: bool = False
+    """Debug mode: no wandb, no step-N checkpoints (LATEST is still written)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (non-reentrant); with FSDP."""
+    export: bool = True
+    """At the end, also write a Hugging Face model directory to {run_dir}/hf."""
+    packing: bool = False
+    """Pack the micro-batch's examples into rows of max_length (position_ids restart per example); same loss, no padding."""
+    tokenize_num_proc: int | None = None
+    """Processes for tokenization; null uses one."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging."""
+
+
+def load_config(args: list[str]) -> Config:
+    """Build the config from `[recipe.yaml] [key=value ...]` command-line words."""
+    tree: dict[str, Any] = {}
+    overrides: list[str] = []
+    for i, arg in enumerate(args):
+        if "=" in arg:
+            overrides.append(arg)
+        elif i == 0:
+            tree = load_recipe(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: only the first argument may be a recipe file; others are key=value")
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        set_dotted(tree, key.strip(), parse_value(raw))
+    return build_config(tree)
+
+
+def load_recipe(path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    with open(path) as f:
+        tree = yaml.safe_load(f) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping of config keys")
+    return tree
+
+
+def parse_value(raw: str) -> Any:
+    """A command-line value as YAML (`[hh,shp]` is a list, `null` is None); numbers like 1e-6 stay strings until coerced."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) and part == "model":
+            child = {"name": child}  # `model: llama7b` in the recipe, then model.x=... on the command line
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    if parts[-1] == "model" and isinstance(value, str) and isinstance(node.get("model"), dict):
+        node["model"]["name"] = value  # `model=NAME` keeps the recipe's other model.* keys
+    else:
+        node[parts[-1]] = value
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    tree = dict(tree)
+    model = tree.get("model")
+    if isinstance(model, str):
+        model = {"name": model}
+    model = dict(model or {})
+    name = model.get("name", ModelConfig.name)
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"model: unknown model {name!r}{suggest(str(name), MODEL_PRESETS)}; choose one of {', '.join(MODEL_PRESETS)}")
+    tree["model"] = {**MODEL_PRESETS[name], **model}
+    return from_dict(Config, tree, "")
+
+
+def from_dict(cls: type, tree: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {tree!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in tree.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}{suggest(str(key), fields, prefix)}")
+        values[key] = coerce(value, hints[key], prefix + key)
+    return cls(**values)
+
+
+def suggest(key: str, valid: typing.Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the field's type, converting only lossless spellings (1e-6 -> float, 3 -> 3.0)."""
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value if value is not None else {}, key + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], key)
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `datasets=hh` means [hh]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a numeric exp_name
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+
+
+DATASET_SPLITS = ("train", "test")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def normalize_data_files(data_files: dict[str, Any], datasets: list[str], warn: typing.Callable[[str], None]) -> dict[str, dict[str, list[str]]]:
+    """`data_files` as {dataset: {split: [patterns]}}. A bare `data_files.hh=PATH` serves both splits (with a warning)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for name, spec in data_files.items():
+        if name not in datasets:
+            raise ConfigError(f"data_files.{name}: {name!r} is not in datasets={datasets}{suggest(name, datasets, 'data_files.')}")
+        if isinstance(spec, (str, list)):
+            if name != "se":  # se has one source split that the loader divides itself
+                warn(f"data_files.{name} names no split: the same files serve as both train and test data")
+            spec = {"train": spec, "test": spec}
+        if not isinstance(spec, dict):
+            raise ConfigError(f"data_files.{name}: expected a path, a list of paths or {{train: ..., test: ...}}, got {spec!r}")
+        for split, paths in spec.items():
+            if split not in DATASET_SPLITS:
+                raise ConfigError(f"data_files.{name}.{split}: unknown split{suggest(str(split), DATASET_SPLITS, f'data_files.{name}.')}; use train or test")
+            if isinstance(paths, str):
+                paths = [paths]
+            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths) or not paths:
+                raise ConfigError(f"data_files.{name}.{split}: expected a path or a list of paths, got {paths!r}")
+        out[name] = {split: ([p] if isinstance(p, str) else list(p)) for split, p in spec.items()}
+    return out
+
+
+def validate(config: Config, num_processes: int = 1) -> None:
+    """Cross-field checks, run before any model or data is loaded."""
+    from data.records import LOADERS  # the dataset names live with their loaders
+
+    if not config.exp_name:
+        raise ConfigError("exp_name is required (e.g. exp_name=my_run)")
+    m = config.model
+    if m.name == "blank_model" and not m.name_or_path:
+        raise ConfigError("model.name_or_path is required with model=blank_model (a hub id or a local model directory)")
+    for key in ("policy_dtype", "reference_dtype"):
+        if getattr(m, key) not in DTYPES:
+            raise ConfigError(f"model.{key}: {getattr(m, key)!r} is not one of {', '.join(DTYPES)}")
+    if m.fsdp_policy_mp is not None and m.fsdp_policy_mp not in DTYPES:
+        raise ConfigError(f"model.fsdp_policy_mp: {m.fsdp_policy_mp!r} is not one of {', '.join(DTYPES)} or null")
+    if m.archive is not None and not Path(m.archive).is_file():
+        raise ConfigError(f"model.archive: file not found: {m.archive}")
+    if m.random_init and m.archive is None and m.name_or_path and not Path(m.name_or_path).is_dir():
+        raise ConfigError(f"model.random_init needs model.name_or_path to be a local directory with config.json, got {m.name_or_path!r}")
+    if config.loss.name != "sft":
+        raise ConfigError(f"loss.name: {config.loss.name!r} is not supported; this suite trains loss.name=sft")
+    if config.loss.normalize not in ("example", "token"):
+        raise ConfigError(f"loss.normalize: {config.loss.normalize!r} must be `example` or `token`")
+    if not config.datasets:
+        raise ConfigError("datasets: give at least one dataset")
+    for name in config.datasets:
+        if name not in LOADERS:
+            raise ConfigError(f"datasets: unknown dataset {name!r}{suggest(name, LOADERS)}; choose from {', '.join(LOADERS)}")
+    for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length", "n_eval_examples"):
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(config, key)}")
+    if config.max_prompt_length > config.max_length:
+        raise ConfigError(f"max_prompt_length ({config.max_prompt_length}) must not exceed max_length ({config.max_length})")
+    if config.n_epochs is None and config.n_examples is None:
+        raise ConfigError("set n_epochs or n_examples (training stops at whichever comes first)")
+    step = config.gradient_accumulation_steps * num_processes
+    if config.batch_size % step:
+        raise ConfigError(
+            f"batch_size ({config.batch_size}) must be divisible by gradient_accumulation_steps x processes "
+            f"({config.gradient_accumulation_steps} x {num_processes} = {step})"
+        )
+    if config.eval_batch_size % num_processes:
+        raise ConfigError(f"eval_batch_size ({config.eval_batch_size}) must be divisible by the number of processes ({num_processes})")
+    if not hasattr(__import__("torch").optim, config.optimizer):
+        import torch.optim
+
+        names = [n for n in dir(torch.optim) if n[0].isupper() and isinstance(getattr(torch.optim, n), type)]
+        raise ConfigError(f"optimizer: torch.optim has no {config.optimizer!r}{suggest(config.optimizer, names)}")
+    if config.keep_last is not None and config.keep_last < 1:
+        raise ConfigError(f"keep_last must be at least 1 or null, got {config.keep_last}")
+    if config.resume_from not in (None, "auto") and not Path(config.resume_from).is_dir():
+        raise ConfigError(f"resume_from: checkpoint directory not found: {config.resume_from}")
+    if config.resume_from == "auto" and config.run_dir is None:
+        raise ConfigError("resume_from=auto needs run_dir=PATH (the run to continue)")
+    normalize_data_files(config.data_files, config.datasets, lambda msg: None)
+
+
+def default_run_dir(config: Config) -> Path:
+    """{first writable local_dir}/{user}/{exp_name}_{timestamp}, as the reference names runs."""
+    import datetime
+    import getpass
+
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+    return local_dir(config.local_dirs) / getpass.getuser() / f"{config.exp_name}_{stamp}"
+
+
+def local_dir(local_dirs: list[str]) -> Path:
+    for d in local_dirs:
+        if os.path.isdir(d) and os.access(d, os.W_OK):
+            return Path(d)
+    # The reference falls back to the last entry and creates it (".cache" by default).
+    return Path(local_dirs[-1] if local_dirs else ".cache")

@@ -1,0 +1,67 @@
+"""Metrics to `{run_dir}/metrics.jsonl` (every record), the console and wandb (throttled), samples to `samples.jsonl`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+class MetricsLogger:
+    """Main-process logger. `log` always appends to metrics.jsonl; console/wandb at most every `min_interval` seconds."""
+
+    def __init__(self, run_dir: Path | None, wandb_run=None, min_interval: float = 0.0, enabled: bool = True):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.wandb_run = wandb_run
+        self.min_interval = min_interval
+        self.last_print = float("-inf")
+
+    def log(self, metrics: dict[str, Any], examples_seen: int, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        record = {"examples_seen": examples_seen, **metrics}
+        if self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        now = time.monotonic()
+        if force or now - self.last_print >= self.min_interval:
+            self.last_print = now
+            console.print(f"[bold]{examples_seen:>8}[/bold] {format_metrics(metrics)}", highlight=False)
+            if self.wandb_run is not None:
+                self.wandb_run.log(metrics, step=examples_seen)
+
+    def samples(self, rows: list[dict[str, Any]], examples_seen: int) -> None:
+        """Generations at an eval: one JSON line each in samples.jsonl, a wandb table, and a short console table."""
+        if not self.enabled or not rows:
+            return
+        if self.run_dir is not None:
+            with open(self.run_dir / "samples.jsonl", "a") as f:
+                for row in rows:
+                    f.write(json.dumps({"examples_seen": examples_seen, **row}) + "\n")
+        if self.wandb_run is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", "prompt", "sample"], data=[[examples_seen, r["prompt"], r["sample"]] for r in rows])
+            self.wandb_run.log({"policy_samples": table}, step=examples_seen)
+        table = Table(title=f"samples at {examples_seen} examples", show_lines=True)
+        table.add_column("prompt (end)", overflow="fold", max_width=60)
+        table.add_column("sample", overflow="fold")
+        for row in rows[:4]:
+            table.add_row(row["prompt"][-200:], row["sample"][:400])
+        console.print(table)
