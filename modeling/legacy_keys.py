@@ -121,7 +121,8 @@ def _rope_parameters(config: PretrainedConfig) -> dict:
     rope = dict(config.rope_parameters or {})
     if rope.get("rope_type", "default") != "default":
         raise ValueError(
-            f"{config.model_type}: rope_type {rope['rope_type']!r} has no transformers 4.29 equivalent (only plain RoPE)"
+            f"{config.model_type}: rope_type {rope['rope_type']!r} has no transformers 4.29 equivalent"
+            " (it has plain RoPE only)"
         )
     return rope
 
@@ -154,7 +155,9 @@ def _layer_buffers(config: PretrainedConfig, dtype: torch.dtype, device: torch.d
         # 4.29's Llama hard-codes base 10000 and computes its cos/sin cache at init, so a loaded inv_freq would not
         # even take effect: a model trained with another theta cannot run there.
         if rope["rope_theta"] != 10000:
-            raise ValueError(f"llama: rope_theta {rope['rope_theta']} differs from the 10000 that transformers 4.29 uses")
+            raise ValueError(
+                f"llama: rope_theta {rope['rope_theta']} differs from the 10000 that transformers 4.29 hard-codes"
+            )
         head_dim = config.hidden_size // config.num_attention_heads
         if config.num_key_value_heads != config.num_attention_heads or config.head_dim != head_dim:
             raise ValueError(

@@ -241,7 +241,9 @@ def from_dict(cls: type, tree: dict[str, Any], prefix: str) -> Any:
 
 
 def suggest(key: str, valid: typing.Iterable[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    valid = list(valid)
+    same_case = [v for v in valid if v.lower() == key.lower()]
+    close = same_case or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
 
