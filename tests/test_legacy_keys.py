@@ -1,4 +1,4 @@
-"""modeling.legacy_keys against facts recorded from transformers 4.29.2 by tests/fixtures/keys_transformers_4.29/record.py.
+"""modeling.legacy_keys against facts from transformers 4.29.2 (recorded by fixtures/keys_transformers_4.29/record.py).
 
     python -m pytest tests/test_legacy_keys.py
 """
