@@ -73,7 +73,8 @@ def plan_batches(
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad prompt+response sequences; labels are -100 on the prompt and padding, so the pad id never hides a real token."""
+    """Right-pad prompt+response sequences; labels are -100 on the prompt, on padding and where `response_mask` (when present)
+    is 0. Labels come from the unpadded ids, so a pad id equal to EOS never hides the supervised EOS."""
     seqs = [e["prompt_ids"] + e["response_ids"] for e in examples]
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -83,7 +84,10 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, : len(s)] = torch.tensor(s)
         attention_mask[i, : len(s)] = 1
         p = len(e["prompt_ids"])
-        labels[i, p : len(s)] = torch.tensor(e["response_ids"])
+        response = torch.tensor(e["response_ids"], dtype=torch.long)
+        if e.get("response_mask") is not None:  # multi-turn chats: later user turns sit in the response unsupervised
+            response = response.masked_fill(torch.tensor(e["response_mask"], dtype=torch.long) == 0, -100)
+        labels[i, p : len(s)] = response
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -98,3 +102,69 @@ def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor
             input_ids[i, width - len(p) :] = torch.tensor(p)
             attention_mask[i, width - len(p) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def plan_length_bucketed(
+    lengths: list[int],
+    batch_size: int,
+    seed: int,
+    n_epochs: int | None,
+    n_examples: int | None,
+    start_epoch: int = 0,
+    start_offset: int = 0,
+    window_batches: int = 64,
+) -> Iterator[BatchPlan]:
+    """Batches of similar-length examples, so a padded batch wastes little; same examples per epoch as the reference order.
+
+    Each epoch takes the reference order's full batches (the same partial batch is dropped), cuts them into windows of
+    `window_batches` batches, sorts each window by length (ties by position) and cuts it into batches again; the epoch's
+    batches are then shuffled with a generator seeded by the epoch's seed. The order is a function of (seed, epoch) alone,
+    so (epoch, offset), offset = batch number x batch_size, is a resumable position as in plan_batches.
+    """
+    n = len(lengths)
+    if n_epochs is None and n_examples is None:
+        raise ValueError("n_epochs or n_examples must be set")
+    if n == 0:
+        raise ValueError("no examples to batch")
+    if n_examples is not None and n < batch_size and n_epochs is None:
+        raise ValueError(f"only {n} example(s), fewer than one batch of {batch_size}: no batch can ever be formed")
+    if window_batches < 1:
+        raise ValueError(f"window_batches must be at least 1, got {window_batches}")
+    seeds = epoch_seeds(seed)
+    order = epoch_order(n, seed, start_epoch, seeds)
+    epoch = start_epoch
+    while n_epochs is None or epoch < n_epochs:
+        if epoch > start_epoch:
+            random.Random(int(seeds[epoch])).shuffle(order)
+        batches = bucketed_batches(order, lengths, batch_size, window_batches, int(seeds[epoch]))
+        first = start_offset // batch_size if epoch == start_epoch else 0
+        for b in range(first, len(batches)):
+            counted = epoch * n + (b + 1) * batch_size
+            yield BatchPlan(epoch, b * batch_size, batches[b], counted)
+            if n_examples is not None and counted >= n_examples:
+                return
+        epoch += 1
+
+
+def bucketed_batches(order: list[int], lengths: list[int], batch_size: int, window_batches: int, seed: int) -> list[list[int]]:
+    """One epoch's batches for plan_length_bucketed."""
+    kept = order[: len(order) - len(order) % batch_size]
+    window = window_batches * batch_size
+    batches = []
+    for start in range(0, len(kept), window):
+        chunk = sorted(range(start, min(start + window, len(kept))), key=lambda k: (lengths[kept[k]], k))
+        batches += [[kept[k] for k in chunk[b:b + batch_size]] for b in range(0, len(chunk), batch_size)]
+    # A separate generator (not seeded with the epoch seed itself) so the batch order is not tied to the example shuffle.
+    random.Random(seed ^ 0x5EED).shuffle(batches)
+    return batches
+
+
+def plan_train_batches(batching: str, dataset, batch_size: int, seed: int, n_epochs: int | None, n_examples: int | None,
+                       start_epoch: int = 0, start_offset: int = 0, window_batches: int = 64) -> Iterator[BatchPlan]:
+    """The training batches of `batching` (reference or length_bucketed) for a tokenized split, from (start_epoch, start_offset)."""
+    if batching == "reference":
+        return plan_batches(len(dataset), batch_size, seed, n_epochs, n_examples, start_epoch, start_offset)
+    if batching == "length_bucketed":
+        lengths = [len(p) + len(r) for p, r in zip(dataset["prompt_ids"], dataset["response_ids"])]
+        return plan_length_bucketed(lengths, batch_size, seed, n_epochs, n_examples, start_epoch, start_offset, window_batches)
+    raise ValueError(f"batching: unknown batching {batching!r}; use reference or length_bucketed")

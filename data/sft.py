@@ -1,32 +1,76 @@
-"""The SFT examples of a split: canonical records of each dataset, in order, tokenized.
+"""The SFT examples of a split: canonical records of each dataset (or chat rows), in order, optionally reweighted, tokenized.
 
     from data.sft import build_split
-    train = build_split(["hh"], "train", {"hh": {"train": ["hh.jsonl"]}}, tokenizer, TokenizeSettings(512, 256), cache_dir)
+    train = build_split(["hh", "shp"], "train", {"hh": {"train": ["hh.jsonl"]}}, tokenizer, TokenizeSettings(512, 256),
+                        cache_dir, weights={"shp": 0.5}, seed=0)
+
+One example per prompt, (prompt, sft_target), dataset by dataset in the order given, no cross-dataset de-duplication. A `jsonl`
+dataset whose first row has `messages` is chat data: one example per row (see data/chat.py).
+
+Weights (train mixtures): a dataset with weight w and n examples contributes round(w * n) examples: floor(w) full copies in
+order, then a sample without replacement of the remaining count, drawn from Random(f"{name}:{seed}") and kept in file order.
+w = 1 (the default) keeps the dataset as it is; w = 0.5 keeps a fixed half; w = 2.5 repeats it twice plus a fixed half.
 """
 
 from __future__ import annotations
 
+import random
+
 import datasets
 
-from data.files import DataError
+from data.chat import conversation_json, is_chat_data, load_conversations
+from data.files import DataError, resolve_paths
 from data.records import TRUNCATION_MODE, load_records
 from data.tokenize import TokenizeSettings, tokenize_examples
 
+COLUMNS = ("prompt", "target", "mode", "example_id", "messages")
 
-def sft_examples(names: list[str], split: str, data_files: dict[str, dict[str, list[str]]], cache_dir: str | None) -> datasets.Dataset:
-    """One row per prompt (prompt, sft_target), dataset by dataset in the order given, no cross-dataset de-duplication."""
-    columns: dict[str, list[str]] = {"prompt": [], "target": [], "mode": [], "example_id": []}
+
+def dataset_rows(name: str, split: str, files: list[str] | None, cache_dir: str | None) -> list[dict[str, str]]:
+    """The untokenized examples of one dataset and split."""
+    mode = TRUNCATION_MODE[name]
+    if name == "jsonl" and files is not None:
+        paths = resolve_paths(files)
+        if is_chat_data(paths):
+            conversations = load_conversations(paths)
+            return [
+                {"prompt": "", "target": "", "mode": mode, "example_id": f"{name}/{split}/{i}@{where}",
+                 "messages": conversation_json(messages)}
+                for i, (where, messages) in enumerate(conversations)
+            ]
+    records = load_records(name, split, files=files, cache_dir=cache_dir)
+    return [
+        {"prompt": prompt, "target": record["sft_target"], "mode": mode, "example_id": f"{name}/{split}/{i}", "messages": ""}
+        for i, (prompt, record) in enumerate(records.items())
+    ]
+
+
+def reweight(rows: list, weight: float, rng: random.Random) -> list:
+    """round(weight * len(rows)) rows: whole copies, then a seeded sample of the rest kept in the original order."""
+    if weight < 0:
+        raise ValueError(f"dataset weight must be non-negative, got {weight}")
+    n_take = round(weight * len(rows))
+    copies, rest = divmod(n_take, len(rows)) if rows else (0, 0)
+    return rows * copies + [rows[i] for i in sorted(rng.sample(range(len(rows)), rest))]
+
+
+def sft_examples(
+    names: list[str],
+    split: str,
+    data_files: dict[str, dict[str, list[str]]],
+    cache_dir: str | None,
+    weights: dict[str, float] | None = None,
+    seed: int = 0,
+) -> datasets.Dataset:
+    rows: list[dict[str, str]] = []
     for name in names:
-        files = data_files.get(name, {}).get(split)
-        records = load_records(name, split, files=files, cache_dir=cache_dir)
-        for i, (prompt, record) in enumerate(records.items()):
-            columns["prompt"].append(prompt)
-            columns["target"].append(record["sft_target"])
-            columns["mode"].append(TRUNCATION_MODE[name])
-            columns["example_id"].append(f"{name}/{split}/{i}")
-    if not columns["prompt"]:
-        raise DataError(f"the {split} split of {names} holds no examples")
-    return datasets.Dataset.from_dict(columns)
+        part = dataset_rows(name, split, data_files.get(name, {}).get(split), cache_dir)
+        if weights and name in weights:
+            part = reweight(part, float(weights[name]), random.Random(f"{name}:{seed}"))
+        rows.extend(part)
+    if not rows:
+        raise DataError(f"the {split} split of {names} holds no examples" + (f" with weights {weights}" if weights else ""))
+    return datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in COLUMNS})
 
 
 def build_split(
@@ -37,6 +81,9 @@ def build_split(
     settings: TokenizeSettings,
     cache_dir: str | None,
     num_proc: int | None = None,
+    weights: dict[str, float] | None = None,
+    seed: int = 0,
 ) -> datasets.Dataset:
-    examples = sft_examples(names, split, data_files, cache_dir)
+    """Tokenized examples (columns in data/tokenize.py); raises DataError when the split ends up empty."""
+    examples = sft_examples(names, split, data_files, cache_dir, weights, seed)
     return tokenize_examples(examples, tokenizer, settings, cache_dir=cache_dir, num_proc=num_proc)

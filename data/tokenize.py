@@ -1,9 +1,24 @@
-"""Records -> tokenized SFT examples, with the reference's truncation rules, tokenized in batches and cached on disk.
+"""Examples -> token ids with the reference's truncation rules, tokenized in batches by `datasets.map` and cached on disk.
 
-One example per prompt: (prompt, sft_target). Prompt and response are tokenized separately without special tokens (no BOS),
-EOS is appended to the response and supervised. With L = len(response) + 1:
+    from data.tokenize import TokenizeSettings, tokenize_examples
+    tokenized = tokenize_examples(examples, tokenizer, TokenizeSettings(512, 256), cache_dir=".cache/cache", num_proc=4)
+
+Input columns: prompt, target, mode (keep_end / keep_start), example_id, messages (a JSON chat or ""). Added columns:
+  prompt_ids, response_ids   the sequence is prompt_ids + response_ids; prompt positions are never supervised
+  response_mask              1 where a response token is supervised (all ones for single-turn; 0 on later user turns of a chat)
+  n_supervised               tokens the loss scores (supervised positions after the first; the first token is never predicted)
+  truncated                  whether truncation removed any token
+  full_prompt_length, full_response_length   lengths before truncation (response counted with its EOS)
+
+Single-turn (prompt, target): prompt and response are tokenized separately without special tokens (no BOS), EOS is appended to
+the response and supervised; an EOS inside either text is an error. With L = len(response) + 1:
   1. if len(prompt) + L > max_length: keep the prompt's last (keep_end) or first (keep_start) max_prompt_length tokens;
   2. if still too long: keep the response's first max_length - max_prompt_length tokens (the EOS is then cut off).
+Chat rows are rendered and masked by data/chat.py; their prompt is every token before the first supervised one and their response
+the rest, so the same two rules apply (the response mask is cut with the response).
+
+The cache key is the tokenizer (vocabulary, merges, special tokens, chat template), the settings and a hash of the input rows'
+content, so a second run with the same data reads the tokenized dataset from disk without tokenizing.
 """
 
 from __future__ import annotations
@@ -11,17 +26,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 
+from data.chat import tokenize_conversations
 from data.files import DataError
 
 log = logging.getLogger(__name__)
 
+FORMAT_VERSION = "v2"  # bump when the output columns or rules change, so old cache entries are not reused
+MAP_BATCH_SIZE = 1000
 
-@dataclass
+
+@dataclass(frozen=True)
 class TokenizeSettings:
     max_length: int
     max_prompt_length: int
@@ -41,29 +62,76 @@ def truncate(prompt: list[int], response: list[int], mode: str, max_length: int,
     return prompt, response
 
 
+def count_supervised(prompt_ids: list[int], response_mask: list[int]) -> int:
+    """Supervised tokens the shifted loss scores: a supervised token at position 0 has nothing before it to predict it."""
+    n = sum(response_mask)
+    if not prompt_ids and response_mask and response_mask[0]:
+        n -= 1
+    return n
+
+
 def tokenize_batch(batch: dict[str, list], tokenizer, settings: TokenizeSettings) -> dict[str, list]:
-    """`datasets.map` function: prompt/target/mode/example_id columns -> prompt_ids/response_ids (truncated)."""
+    """`datasets.map` function (batched): see the module docstring for the columns it adds."""
     eos = tokenizer.eos_token_id
-    prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
-    responses = tokenizer(batch["target"], add_special_tokens=False)["input_ids"]
-    out: dict[str, list] = {"prompt_ids": [], "response_ids": [], "truncated": []}
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        if eos in p or eos in r:
-            where = "prompt" if eos in p else "response"
-            raise DataError(f"example {batch['example_id'][i]}: the {where} text contains the EOS token {tokenizer.eos_token!r}")
-        full = len(p) + len(r) + 1
-        p, r = truncate(p, r + [eos], batch["mode"][i], settings.max_length, settings.max_prompt_length)
-        out["prompt_ids"].append(p)
-        out["response_ids"].append(r)
-        out["truncated"].append(len(p) + len(r) < full)
+    n = len(batch["prompt"])
+    chat_rows = [i for i in range(n) if batch["messages"][i]]
+    plain_rows = [i for i in range(n) if not batch["messages"][i]]
+    # (prompt ids, response ids with EOS, response mask) per row, before truncation
+    segments: list[tuple[list[int], list[int], list[int]] | None] = [None] * n
+    if plain_rows:
+        prompts = tokenizer([batch["prompt"][i] for i in plain_rows], add_special_tokens=False)["input_ids"]
+        responses = tokenizer([batch["target"][i] for i in plain_rows], add_special_tokens=False)["input_ids"]
+        for i, p, r in zip(plain_rows, prompts, responses):
+            if eos in p or eos in r:
+                where = "prompt" if eos in p else "response"
+                raise DataError(
+                    f"example {batch['example_id'][i]}: the {where} text contains the EOS token {tokenizer.eos_token!r}"
+                )
+            segments[i] = (p, r + [eos], [1] * (len(r) + 1))
+    if chat_rows:
+        chats = tokenize_conversations(
+            [json.loads(batch["messages"][i]) for i in chat_rows], [batch["example_id"][i] for i in chat_rows], tokenizer
+        )
+        for i, (ids, mask) in zip(chat_rows, chats):
+            first = mask.index(1) if 1 in mask else len(mask)
+            segments[i] = (ids[:first], ids[first:], mask[first:])
+
+    out: dict[str, list] = {k: [] for k in ("prompt_ids", "response_ids", "response_mask", "n_supervised", "truncated",
+                                            "full_prompt_length", "full_response_length")}
+    for i, (p, r, m) in enumerate(segments):
+        tp, tr = truncate(p, r, batch["mode"][i], settings.max_length, settings.max_prompt_length)
+        mask = m[: len(tr)]
+        out["prompt_ids"].append(tp)
+        out["response_ids"].append(tr)
+        out["response_mask"].append(mask)
+        out["n_supervised"].append(count_supervised(tp, mask))
+        out["truncated"].append(len(tp) + len(tr) < len(p) + len(r))
+        out["full_prompt_length"].append(len(p))
+        out["full_response_length"].append(len(r))
     return out
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Changes whenever the tokenizer would produce other ids."""
+    """Changes whenever the tokenizer would produce other ids or render chats differently."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{text}|{tokenizer.eos_token_id}".encode()).hexdigest()[:16]
+    extra = f"{tokenizer.eos_token_id}|{getattr(tokenizer, 'chat_template', None)}|{type(tokenizer).__name__}"
+    return hashlib.sha256(f"{text}|{extra}".encode()).hexdigest()[:16]
+
+
+def content_fingerprint(examples: datasets.Dataset) -> str:
+    """A hash of the rows' content (columns and values in order); the same data gives the same hash in any process."""
+    h = hashlib.sha256()
+    for column in sorted(examples.column_names):
+        h.update(column.encode() + b"\0")
+        for start in range(0, len(examples), 10_000):
+            h.update(json.dumps(examples[start : start + 10_000][column], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def cache_key(examples: datasets.Dataset, tokenizer, settings: TokenizeSettings) -> str:
+    text = f"{tokenizer_fingerprint(tokenizer)}|{settings.max_length}|{settings.max_prompt_length}|{content_fingerprint(examples)}"
+    return hashlib.sha256(f"{text}|{FORMAT_VERSION}".encode()).hexdigest()[:24]
 
 
 def tokenize_examples(
@@ -73,34 +141,63 @@ def tokenize_examples(
     cache_dir: str | Path | None = None,
     num_proc: int | None = None,
 ) -> datasets.Dataset:
-    """Tokenize a dataset with columns prompt, target, mode, example_id; cached by tokenizer, settings and data fingerprint.
+    """Tokenize (or read from `{cache_dir}/tokenized/{key}`) and drop examples with no supervised token, with a warning.
 
-    Examples with no supervised token (a response cut to nothing) are dropped with a warning.
+    Raises DataError when no example is left.
     """
-    key = hashlib.sha256(
-        f"{tokenizer_fingerprint(tokenizer)}|{settings}|{examples._fingerprint}|v1".encode()
-    ).hexdigest()[:24]
-    cache_file = None
-    if cache_dir is not None:
-        Path(cache_dir, "tokenized").mkdir(parents=True, exist_ok=True)
-        cache_file = str(Path(cache_dir, "tokenized", f"{key}.arrow"))
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"a fast tokenizer is required (batched tokenization and chat offsets); got {type(tokenizer).__name__}")
+    key = cache_key(examples, tokenizer, settings)
+    path = Path(cache_dir, "tokenized", key) if cache_dir is not None else None
+    if path is not None and (path / "dropped.json").is_file():
+        tokenized = datasets.load_from_disk(str(path))
+        dropped = json.loads((path / "dropped.json").read_text())
+        log.info("tokenized examples read from the cache %s", path)
+    else:
+        tokenized, dropped = _tokenize(examples, tokenizer, settings, num_proc)
+        if path is not None:
+            _save(tokenized, dropped, path)
+    if dropped["count"]:
+        log.warning(
+            "dropped %d example(s) with no supervised token (max_length - max_prompt_length = %d), e.g. %s",
+            dropped["count"], settings.max_length - settings.max_prompt_length, dropped["example"],
+        )
+    if len(tokenized) == 0:
+        raise DataError(
+            f"no example has a supervised token after truncation ({dropped['count']} dropped, e.g. {dropped['example']}); "
+            f"raise max_length ({settings.max_length}) above max_prompt_length ({settings.max_prompt_length})"
+        )
+    return tokenized
+
+
+def _tokenize(examples: datasets.Dataset, tokenizer, settings: TokenizeSettings, num_proc: int | None) -> tuple[datasets.Dataset, dict]:
+    # Several processes only pay off when each gets at least one full map batch.
+    procs = num_proc if num_proc and num_proc > 1 and len(examples) >= num_proc * MAP_BATCH_SIZE else None
     tokenized = examples.map(
         tokenize_batch,
         batched=True,
-        batch_size=1000,
+        batch_size=MAP_BATCH_SIZE,
         fn_kwargs={"tokenizer": tokenizer, "settings": settings},
-        cache_file_name=cache_file,
-        load_from_cache_file=cache_file is not None,
-        new_fingerprint=key,
-        num_proc=num_proc if num_proc and num_proc > 1 and len(examples) >= 2 * num_proc else None,
+        num_proc=procs,
+        keep_in_memory=True,
+        load_from_cache_file=False,
         desc="tokenizing",
     )
-    empty = [i for i, n in enumerate(tokenized["response_ids"]) if len(n) == 0]
+    counts = tokenized.data.column("n_supervised").to_pylist()
+    empty = [i for i, c in enumerate(counts) if c <= 0]
+    dropped = {"count": len(empty), "example": tokenized[empty[0]]["example_id"] if empty else None}
     if empty:
-        log.warning(
-            "dropping %d example(s) with no supervised token (max_length - max_prompt_length = %d), e.g. %s",
-            len(empty), settings.max_length - settings.max_prompt_length, tokenized[empty[0]]["example_id"],
-        )
-        keep = sorted(set(range(len(tokenized))) - set(empty))
-        tokenized = tokenized.select(keep)
-    return tokenized
+        tokenized = tokenized.select([i for i, c in enumerate(counts) if c > 0])
+    return tokenized, dropped
+
+
+def _save(tokenized: datasets.Dataset, dropped: dict, path: Path) -> None:
+    """Write to a temporary directory and rename it, so a reader never sees a half-written entry."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenized.save_to_disk(str(tmp))
+    (tmp / "dropped.json").write_text(json.dumps(dropped))
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process finished the same entry first; theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -52,8 +52,17 @@ def load_model(model_config: ModelConfig, cache_dir: str | None = None, **kwargs
             model_config.name_or_path, cache_dir=cache_dir, dtype=dtype, **common, **kwargs
         )
     disable_dropout(model)
-    if model_config.archive is not None:
+    if model_config.archive is not None and not receives_weights_from_rank0():
         archive = load_archive(model_config.archive)
         log.info("loading archive %s (step %s, metrics %s)", model_config.archive, archive["step_idx"], archive["metrics"])
         model.load_state_dict(archive["state"])
     return model
+
+
+def receives_weights_from_rank0() -> bool:
+    """FSDP with cpu_ram_efficient_loading: only local rank 0 holds real weights and sends them out when the model is
+    prepared, so the other processes skip reading the archive too (one CPU copy per machine, not one per GPU)."""
+    from transformers.distributed.fsdp import is_fsdp_enabled
+    from transformers.distributed.utils import is_local_dist_rank_0
+
+    return is_fsdp_enabled() and not is_local_dist_rank_0()

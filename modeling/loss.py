@@ -1,5 +1,7 @@
 """The SFT loss.
 
+    nll, n_tokens = sequence_nll(model, batch)   # per-example summed NLL (fp32) and supervised-token counts
+
 The reference's loss for one optimizer step over a global batch of B examples is
 
     L = (1 / B) * sum_i S_i,   S_i = sum over supervised positions t of example i of -log p(token_t | tokens_<t)
@@ -12,24 +14,163 @@ whole global batch, so B and T need no communication. A micro-batch m on process
 
 because data-parallel backends average gradients over the W processes: the averaged gradient of sum_{m,r} loss_{m,r} / W is then
 exactly dL. Splitting a batch over micro-batches or processes only changes how the same sum is grouped.
+
+Only positions whose next token is supervised contribute to S_i, so by default (`supervised_only`) the LM head and the
+log-softmax run on those positions alone, a chunk of positions at a time, recomputed in backward: full-vocabulary fp32 logits
+are never held for the whole batch. The head is reached by temporarily replacing the forward of
+`get_output_embeddings()`, so the model's own forward still runs (hooks of FSDP/DDP wrappers on the root fire as usual) and
+the head receives the final hidden states. Models that change logits after the head (soft-capping, logit scales) get the
+full-logits path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
+from torch.utils.checkpoint import checkpoint
+
+import modeling.packed_attention  # noqa: F401  registers model.attn_implementation=sdpa_packed
+
+log = logging.getLogger(__name__)
+
+# Config attributes of models whose forward transforms the head's output; their loss needs the real logits.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def sequence_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example summed NLL of the supervised tokens (fp32) and their counts."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+def sequence_nll(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    supervised_only: bool = True,
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example summed NLL of the supervised tokens (fp32) and their counts.
+
+    `batch` is right-padded (input_ids, attention_mask, labels: one example per row) or packed (input_ids, position_ids,
+    labels, example_index: data/packing.py); results are per example in the order of the collated examples.
+    """
+    if "position_ids" in batch:  # packed: no attention_mask and no cache, so attention stops at example boundaries
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    owner, n_examples = example_owner(batch)
+    base = unwrap(model)
+    if supervised_only and not transforms_logits(base):
+        result = supervised_nll_sums(model, base, inputs, batch["labels"], owner, n_examples, chunk_tokens)
+        if result is not None:
+            return result
+    logits = model(**inputs, use_cache=False).logits
+    if "example_index" in batch:
+        return token_nll_sums(logits, batch["labels"], owner, n_examples)
     return token_nll_sums(logits, batch["labels"])
 
 
-def token_nll_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shifted by one: position t predicts label t+1; -100 labels are ignored."""
+def token_nll_sums(
+    logits: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor | None = None, n_examples: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From full logits. Shifted by one: position t predicts label t+1; -100 labels are ignored. `owner` (rows x positions,
+    example of each position) sums packed rows per example; without it each row is one example."""
     logits = logits[:, :-1].float()
     labels = labels[:, 1:]
     mask = labels != -100
     logps = torch.log_softmax(logits, dim=-1)
     token_logps = torch.gather(logps, 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
-    return -(token_logps * mask).sum(-1), mask.sum(-1)
+    if owner is None:
+        return -(token_logps * mask).sum(-1), mask.sum(-1)
+    owner = owner[:, 1:][mask]
+    nll = torch.zeros(n_examples, dtype=torch.float32, device=logits.device).index_add_(0, owner, -token_logps[mask])
+    return nll, torch.bincount(owner, minlength=n_examples)
+
+
+def supervised_nll_sums(model, base, inputs, labels, owner, n_examples, chunk_tokens):
+    """NLL from the head applied only at supervised positions; None when the model's forward altered the head's output."""
+    rows, width = labels.shape
+    targets = labels[:, 1:]
+    supervised = targets != -100
+    flat_positions = (supervised.nonzero() * torch.tensor([width, 1], device=labels.device)).sum(-1)
+    wanted = targets[supervised]
+    head = base.get_output_embeddings()
+    head_forward = head.forward
+    produced = []
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[:2] != (rows, width):  # not the full sequence: let the model have real logits
+            return head_forward(hidden)
+        selected = hidden.reshape(rows * width, hidden.shape[-1]).index_select(0, flat_positions)
+        produced.append(chunked_token_nll(head_forward, selected, wanted, chunk_tokens))
+        return produced[-1]
+
+    with replaced_forward(head, forward):
+        out = model(**inputs, use_cache=False).logits
+    if not produced or not (out is produced[-1] or (out.shape == produced[-1].shape and torch.equal(out, produced[-1]))):
+        log.warning("%s changes the head's output; computing the loss from full logits", type(base).__name__)
+        base._sft_transforms_logits = True
+        return None
+    owner = owner[:, 1:][supervised]
+    nll = torch.zeros(n_examples, dtype=torch.float32, device=out.device).index_add_(0, owner, out)
+    return nll, torch.bincount(owner, minlength=n_examples)
+
+
+def chunked_token_nll(head_forward, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """-log softmax(head(hidden))[target] per row, `chunk_tokens` rows at a time; in training each chunk's logits are
+    recomputed in backward instead of kept, so at most one chunk of fp32 logits exists at a time."""
+    recompute = torch.is_grad_enabled()
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        if recompute:
+            parts.append(checkpoint(token_nll, head_forward, h, t, use_reentrant=False))
+        else:
+            parts.append(token_nll(head_forward, h, t))
+    if not parts:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def token_nll(head_forward, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head_forward(hidden).float()
+    return torch.logsumexp(logits, dim=-1) - logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+
+
+@contextlib.contextmanager
+def replaced_forward(module: torch.nn.Module, forward):
+    """`module.forward` is `forward` inside the block; an instance-level forward set by others (e.g. accelerate's device-map
+    hooks) is put back afterwards."""
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+
+
+def example_owner(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """The example of every position (rows x positions, -1 on packing filler) and the number of examples."""
+    if "example_index" in batch:
+        owner = batch["example_index"]
+        return owner, int(owner.max()) + 1
+    rows, width = batch["labels"].shape
+    return torch.arange(rows, device=batch["labels"].device).unsqueeze(1).expand(rows, width), rows
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP/FSDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def transforms_logits(model: torch.nn.Module) -> bool:
+    """True for models whose forward changes the head's output (then only full logits give the right loss)."""
+    if getattr(model, "_sft_transforms_logits", False) or not hasattr(model, "get_output_embeddings"):
+        return True
+    config = getattr(model, "config", None)
+    configs = [config, getattr(config, "text_config", None)] if config is not None else []
+    return any(getattr(c, name, None) not in (None, 1, 1.0) for c in configs if c is not None for name in LOGIT_TRANSFORMS) \
+        or model.get_output_embeddings() is None

@@ -7,7 +7,7 @@ for var, value in {
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "WANDB_MODE": "disabled",
-    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+    "OMP_NUM_THREADS": "1",  # tiny models: one thread is as fast and avoids oversubscription
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(var, value)

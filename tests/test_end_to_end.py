@@ -67,7 +67,7 @@ def test_matches_the_reference_run_on_real_hh(hh_rows_path, reference_dir, tmp_p
 
 
 def run_cli(args: list[str], cwd: Path = REPO, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = dict(os.environ)
     return subprocess.run([sys.executable, "sft_train.py", *args], cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
 
 

@@ -4,15 +4,22 @@ A checkpoint directory (`step-{N}/` or `LATEST/`) holds `policy.pt`, `optimizer.
 `{"step_idx": N, "state": <state_dict>, "metrics": <eval metrics>}` (the reference's format; `policy.pt` is the input of DPO),
 plus `train_state.pt` (counters, data position, RNG states) for resume and a `complete` marker written last.
 Everything is written into a temporary directory that is renamed into place, so a directory without `complete` never appears
-under a final name. All files load with `torch.load(weights_only=True)`.
+under a final name; replacing `LATEST` moves the old one aside first and `recover` puts it back after a crash between the two
+renames, so a kill at any moment leaves a loadable LATEST. All files load with `torch.load(weights_only=True)`.
+
+`train_state.pt` also records the sizes of metrics.jsonl and samples.jsonl when the checkpoint was written: a run resumed
+into the same run_dir cuts both files back to those sizes (`rewind_logs`), dropping the records of steps that are trained
+again, so the logs of a resumed run read like those of one uninterrupted run (no duplicated steps).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,7 @@ import torch
 
 CHECKPOINT_FILES = ("policy.pt", "optimizer.pt", "scheduler.pt", "train_state.pt")
 MARKER = "complete"
+LOG_FILES = ("metrics.jsonl", "samples.jsonl")
 
 
 class CheckpointError(RuntimeError):
@@ -44,15 +52,22 @@ def rng_state() -> dict[str, Any]:
         "python": random.getstate(),
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],  # sampling during eval on GPUs
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any] | list[dict[str, Any]], rank: int = 0) -> None:
+    """Inverse of `rng_state`, also after `plain` turned its tensors into lists. A list holds one state per process: this
+    process takes its own (or the first, when the run had fewer processes)."""
+    if isinstance(state, list):
+        state = state[rank] if rank < len(state) else state[0]
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.int64).astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def write_checkpoint(
@@ -77,9 +92,11 @@ def write_checkpoint(
         save_file({"step_idx": step_idx, "state": state, "metrics": metrics}, tmp / filename)
     save_file(train_state, tmp / "train_state.pt")
     with open(tmp / MARKER, "w") as f:
-        json.dump({"step_idx": step_idx}, f)
+        # written_at orders checkpoints of the same step (and survives copying the run dir, unlike mtimes)
+        json.dump({"step_idx": step_idx, "written_at": time.time(), "metrics": metrics}, f)
         f.flush()
         os.fsync(f.fileno())
+    fsync_dir(tmp)  # the files' directory entries, before the rename publishes them
     replace_dir(tmp, final)
     return final
 
@@ -94,6 +111,8 @@ def save_file(obj: Any, path: Path) -> None:
 def replace_dir(src: Path, dst: Path) -> None:
     """Move `src` to `dst`; an existing `dst` is first moved aside to `.old-{name}` so one complete copy always exists."""
     old = dst.parent / f".old-{dst.name}"
+    if old.exists() and not dst.exists() and is_complete(old):
+        os.rename(old, dst)  # an earlier crash between the renames: never delete the only complete copy
     if old.exists():
         shutil.rmtree(old)
     if dst.exists():
@@ -113,11 +132,14 @@ def fsync_dir(path: Path) -> None:
 
 
 def recover(run_dir: Path) -> None:
-    """Undo a crash between the two renames of `replace_dir`: put a moved-aside complete checkpoint back."""
+    """After a crash: put a moved-aside complete checkpoint back (a kill between the two renames of `replace_dir`) and
+    finish deleting pruned ones. Partly written `.tmp-*` directories are left for the next write of that name to replace."""
     for old in Path(run_dir).glob(".old-*"):
         dst = old.parent / old.name[len(".old-"):]
         if not dst.exists() and is_complete(old):
             os.rename(old, dst)
+    for doomed in Path(run_dir).glob(".del-*"):
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def is_complete(path: Path) -> bool:
@@ -125,13 +147,23 @@ def is_complete(path: Path) -> bool:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (by examples seen; LATEST wins a tie)."""
+    """Complete checkpoints of a run, oldest first: by examples seen, then by write time (a LATEST saved on SIGTERM at N
+    examples precedes the step-N written after the eval at N by the resumed run)."""
     found = []
     for path in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
         if (path.name == "LATEST" or path.name.startswith("step-")) and is_complete(path):
-            step = json.loads((path / MARKER).read_text())["step_idx"]
-            found.append((step, path.name == "LATEST", path))
-    return [p for _, _, p in sorted(found)]
+            marker = json.loads((path / MARKER).read_text())
+            found.append((marker["step_idx"], marker.get("written_at", 0.0), path.name == "LATEST", path))
+    return [p for *_, p in sorted(found)]
+
+
+def last_good_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose eval metrics (kept in its marker) are all finite."""
+    for path in reversed(complete_checkpoints(run_dir)):
+        metrics = json.loads((path / MARKER).read_text()).get("metrics", {})
+        if all(math.isfinite(v) for v in metrics.values() if isinstance(v, (int, float))):
+            return path
+    return None
 
 
 def step_dirs(run_dir: Path) -> list[Path]:
@@ -141,10 +173,32 @@ def step_dirs(run_dir: Path) -> list[Path]:
 
 
 def prune(run_dir: Path, keep_last: int | None) -> None:
+    """Delete all but the newest `keep_last` step-N dirs; each is renamed away first, so a kill never leaves half of one."""
     if keep_last is None:
         return
     for path in step_dirs(run_dir)[:-keep_last]:
-        shutil.rmtree(path)
+        doomed = path.parent / f".del-{path.name}"
+        os.rename(path, doomed)
+        shutil.rmtree(doomed)
+
+
+def log_sizes(run_dir: Path) -> dict[str, int]:
+    """Byte sizes of the run's log files now, stored in train_state.pt for `rewind_logs`."""
+    return {name: (Path(run_dir) / name).stat().st_size for name in LOG_FILES if (Path(run_dir) / name).is_file()}
+
+
+def rewind_logs(run_dir: Path, sizes: dict[str, int]) -> None:
+    """Cut the log files back to their sizes at a checkpoint (main process, before the resumed run logs anything).
+
+    A log that did not exist then is emptied; a log shorter than recorded (edited by hand) is left alone."""
+    for name in LOG_FILES:
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        size = sizes.get(name, 0)
+        if path.stat().st_size > size:
+            with open(path, "r+b") as f:
+                f.truncate(size)
 
 
 def load_file(path: str | Path) -> Any:
@@ -164,6 +218,14 @@ def load_archive(path: str | Path) -> dict[str, Any]:
     if not isinstance(archive, dict) or not {"step_idx", "state", "metrics"} <= archive.keys():
         raise CheckpointError(f"{path} is not a policy/optimizer/scheduler checkpoint: expected keys step_idx, state, metrics")
     return archive
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    """train_state.pt: the loop's counters and data position, plus `rng` and `logs`."""
+    state = load_file(path)
+    if not isinstance(state, dict) or not {"examples_seen", "updates", "epoch", "offset", "rng"} <= state.keys():
+        raise CheckpointError(f"{path} is not a train_state.pt: expected a dict with examples_seen, updates, epoch, offset, rng")
+    return state
 
 
 def resolve_resume(resume_from: str, run_dir: Path) -> Path:

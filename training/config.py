@@ -76,6 +76,11 @@ class LossConfig:
     normalize: str = "example"
     """`example`: per-example summed NLL averaged over the step's examples (the reference; longer answers weigh more).
     `token`: summed NLL divided by the step's supervised-token count across all micro-batches and processes."""
+    supervised_logits_only: bool = True
+    """Apply the LM head and log-softmax only where the next token is supervised, in chunks recomputed in backward: same
+    loss, far less memory than full-vocabulary logits. Models that transform logits after the head use full logits anyway."""
+    logits_chunk_tokens: int = 1024
+    """Positions per chunk of fp32 logits when supervised_logits_only is on (memory ~ this x vocab x 4 bytes, x ~3 in backward)."""
 
 
 @dataclass
@@ -98,6 +103,8 @@ class Config:
     """Datasets to train on, concatenated in this order: hh, shp, se, jsonl."""
     data_files: dict[str, Any] = field(default_factory=dict)
     """Local files per dataset and split instead of the hub: data_files.hh.train=PATH (a path, glob or list; gzip ok)."""
+    dataset_weights: dict[str, float] = field(default_factory=dict)
+    """Train-mixture weights per dataset (default 1): w keeps round(w * n) of its n examples, whole copies then a seeded sample."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy model; `model=NAME` picks a preset."""
     loss: LossConfig = field(default_factory=LossConfig)
@@ -148,6 +155,9 @@ class Config:
     """Checkpoint to resume: a step-N or LATEST dir, or `auto` for the newest complete checkpoint in run_dir."""
     keep_last: int | None = None
     """Keep only the newest this-many step-N checkpoints; null keeps all."""
+    max_updates_this_run: int | None = None
+    """End this invocation after this many optimizer steps, saving LATEST as on SIGTERM; `resume_from=auto` continues (another
+    this-many, as the saved config.yaml keeps the value). For clusters with job time limits; order and schedule are unchanged."""
     debug: bool = False
     """Debug mode: no wandb, no step-N checkpoints (LATEST is still written)."""
     activation_checkpointing: bool = False
@@ -156,6 +166,11 @@ class Config:
     """At the end, also write a Hugging Face model directory to {run_dir}/hf."""
     packing: bool = False
     """Pack the micro-batch's examples into rows of max_length (position_ids restart per example); same loss, no padding."""
+    batching: str = "reference"
+    """Training batch order: `reference` (the reference's order) or `length_bucketed` (batches of similar-length examples drawn
+    from the same per-epoch examples, shuffled by the seed: less padding when packing is off). Either is resumable."""
+    length_bucket_window: int = 64
+    """length_bucketed: batches per window of the epoch order that is sorted by length before it is cut into batches."""
     tokenize_num_proc: int | None = None
     """Processes for tokenization; null uses one."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -360,6 +375,12 @@ def validate(config: Config, num_processes: int = 1) -> None:
         raise ConfigError(f"loss.name: {config.loss.name!r} is not supported; this suite trains loss.name=sft")
     if config.loss.normalize not in ("example", "token"):
         raise ConfigError(f"loss.normalize: {config.loss.normalize!r} must be `example` or `token`")
+    if config.loss.logits_chunk_tokens <= 0:
+        raise ConfigError(f"loss.logits_chunk_tokens must be positive, got {config.loss.logits_chunk_tokens}")
+    if config.batching not in ("reference", "length_bucketed"):
+        raise ConfigError(f"batching: {config.batching!r} must be `reference` or `length_bucketed`")
+    if config.length_bucket_window <= 0:
+        raise ConfigError(f"length_bucket_window must be positive, got {config.length_bucket_window}")
     if not config.datasets:
         raise ConfigError("datasets: give at least one dataset")
     for name in config.datasets:
@@ -387,11 +408,18 @@ def validate(config: Config, num_processes: int = 1) -> None:
         raise ConfigError(f"optimizer: torch.optim has no {config.optimizer!r}{suggest(config.optimizer, names)}")
     if config.keep_last is not None and config.keep_last < 1:
         raise ConfigError(f"keep_last must be at least 1 or null, got {config.keep_last}")
+    if config.max_updates_this_run is not None and config.max_updates_this_run < 1:
+        raise ConfigError(f"max_updates_this_run must be at least 1 or null, got {config.max_updates_this_run}")
     if config.resume_from not in (None, "auto") and not Path(config.resume_from).is_dir():
         raise ConfigError(f"resume_from: checkpoint directory not found: {config.resume_from}")
     if config.resume_from == "auto" and config.run_dir is None:
         raise ConfigError("resume_from=auto needs run_dir=PATH (the run to continue)")
     normalize_data_files(config.data_files, config.datasets, lambda msg: None)
+    for name, weight in config.dataset_weights.items():
+        if name not in config.datasets:
+            raise ConfigError(f"dataset_weights.{name}: {name!r} is not in datasets={config.datasets}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ConfigError(f"dataset_weights.{name}: expected a non-negative number, got {weight!r}")
 
 
 def default_run_dir(config: Config) -> Path:

@@ -1,34 +1,270 @@
-"""The Accelerator of a run and what the loop needs to know about data parallelism.
+"""The Accelerator of a run and everything that differs between one process, DDP, FSDP2 and tensor parallelism.
 
-The launch config (`accelerate launch --config_file accelerate_configs/...`) picks the hardware setup; this module only adapts it
-to the recipe (e.g. the FSDP layer class from `model.block_name`). The script never reads RANK itself.
+The launch config (`accelerate launch --config_file accelerate_configs/...`) picks the hardware setup; this module adapts it
+to the recipe and gives sft_train.py one call per concern:
+
+    accelerator = build_accelerator(config)              # FSDP2 plugin from model.block_name / fsdp_policy_mp / activation_checkpointing
+    check_setup(config, accelerator)                     # bad combinations fail here, before data or weights are loaded
+    model = load_model(config.model, cache_dir, **model_load_kwargs(config, accelerator))   # device_map or TP plan
+    prepare_model(config, accelerator, model)            # before accelerator.prepare
+    rank, size = data_parallel(accelerator)              # processes that see different examples ((0, 1) under pure TP)
+    state = full_model_state(accelerator, model)         # every process calls; the main process gets the full CPU state
+    optim = full_optimizer_state(accelerator, model, optimizer)
+    load_full_state(accelerator, model, optimizer, policy_path, optimizer_path)   # resume
+
+Modes (`parallel_mode`): "single" (one process, optionally model.device_map=balanced over its GPUs), "ddp" (several
+processes, whole model each), "fsdp" (the launch config's distributed_type FSDP, version 2), "tp" (the launch config's
+parallelism_config tp_size equal to the number of processes; every process sees the same batch).
+Checkpoints are the same in every mode: policy.pt holds the unwrapped model's keys, optimizer.pt torch's own
+`optimizer.state_dict()` layout (integer parameter ids), so a run saved under one mode resumes under another.
+The script never reads RANK itself.
 """
 
 from __future__ import annotations
 
+import os
 import resource
+from pathlib import Path
 
+import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils.environment import str_to_bool
 
-from training.config import Config
+from training import checkpoint as ckpt
+from training.config import Config, ConfigError
+
+# Prefixes that wrappers add to parameter names; torch.distributed.checkpoint strips the same ones.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.", "_fsdp_wrapped_module.")
+
+
+def fsdp_requested() -> bool:
+    """The launcher sets ACCELERATE_USE_FSDP when the launch config's distributed_type is FSDP."""
+    return bool(str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false")))
+
+
+def fsdp_plugin(config: Config) -> FullyShardedDataParallelPlugin:
+    """The FSDP2 plugin: hardware fields (resharding, offload) from the launch config, model fields from the recipe.
+
+    The transformer-based wrap policy is set explicitly because under accelerate's default (no wrap) the layer class names
+    are silently ignored. Master weights and optimizer state stay in model.policy_dtype; model.fsdp_policy_mp is the dtype
+    of the gathered parameters (compute) and of the gradient reduction.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    version = os.environ.get("FSDP_VERSION", "2")
+    if version != "2":
+        raise ConfigError(f"the launch config asks for FSDP version {version}; this suite runs FSDP2 only (fsdp_version: 2)")
+    if not config.model.block_name:
+        raise ConfigError("model.block_name is required with FSDP: the class name of the transformer block to wrap "
+                          "(e.g. LlamaDecoderLayer); the error after loading the model config lists the candidates")
+    mp = config.model.fsdp_policy_mp
+    policy = MixedPrecisionPolicy(param_dtype=getattr(torch, mp), reduce_dtype=getattr(torch, mp)) if mp else None
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=[config.model.block_name],
+        mixed_precision_policy=policy,
+        activation_checkpointing=config.activation_checkpointing,  # accelerate's wrapper is non-reentrant
+        cpu_ram_efficient_loading=True,  # rank 0 reads the weights, the others start empty and receive their shards
+        state_dict_type="FULL_STATE_DICT",
+    )
 
 
 def build_accelerator(config: Config) -> Accelerator:
-    return Accelerator(step_scheduler_with_optimizer=False)
+    plugin = fsdp_plugin(config) if fsdp_requested() else None
+    return Accelerator(step_scheduler_with_optimizer=False, fsdp_plugin=plugin)
+
+
+def tp_size(accelerator: Accelerator) -> int:
+    """Tensor-parallel degree from the launch config's parallelism_config (1 when tensor parallelism is off)."""
+    pc = accelerator.parallelism_config
+    return pc.tp_size if pc is not None and pc.tp_enabled else 1
+
+
+def parallel_mode(accelerator: Accelerator) -> str:
+    if tp_size(accelerator) > 1:
+        return "tp"
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "fsdp"
+    return "ddp" if accelerator.num_processes > 1 else "single"
 
 
 def data_parallel(accelerator: Accelerator) -> tuple[int, int]:
-    """(rank, size) of the data-parallel group: processes that see different examples."""
-    return accelerator.process_index, accelerator.num_processes
+    """(rank, size) of the data-parallel group: processes that see different examples. TP ranks share one batch."""
+    tp = tp_size(accelerator)
+    return accelerator.process_index // tp, accelerator.num_processes // tp
+
+
+def gather_dp(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a per-process tensor over the data-parallel group (under pure TP every process already has it all)."""
+    return accelerator.gather(tensor) if data_parallel(accelerator)[1] > 1 else tensor
+
+
+def synced_generate(accelerator: Accelerator) -> bool:
+    """Sharded models need every process in each forward, so all keep stepping until the last sequence is done."""
+    return accelerator.num_processes > 1 and parallel_mode(accelerator) in ("fsdp", "tp")
+
+
+def block_candidates(model: torch.nn.Module) -> list[str]:
+    """Class names that look like the model's transformer block: the items of its ModuleLists and `_no_split_modules`."""
+    names = {type(item).__name__ for module in model.modules() if isinstance(module, torch.nn.ModuleList) for item in module}
+    names.update(getattr(model, "_no_split_modules", None) or [])
+    return sorted(names)
+
+
+def check_block_name(model: torch.nn.Module, block_name: str | None) -> None:
+    classes = {type(m).__name__ for m in model.modules()}
+    if block_name not in classes:
+        raise ConfigError(f"model.block_name={block_name!r} matches no module of {type(model).__name__}; "
+                          f"its block classes: {', '.join(block_candidates(model)) or 'none found'}")
+
+
+def meta_model(config: Config) -> torch.nn.Module:
+    """The model's structure without weights (no memory, no download beyond config.json), for early checks."""
+    import transformers
+
+    common = dict(trust_remote_code=config.model.trust_remote_code)
+    model_config = transformers.AutoConfig.from_pretrained(config.model.name_or_path, **common)
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(model_config, **common)
+
+
+def check_setup(config: Config, accelerator: Accelerator) -> None:
+    """Combinations of recipe and launch config that cannot work, reported before any data or weights are loaded."""
+    mode, n = parallel_mode(accelerator), accelerator.num_processes
+    m = config.model
+    if m.device_map is not None:
+        if n > 1 or mode != "single":
+            raise ConfigError(f"model.device_map={m.device_map} spreads ONE process over all visible GPUs; this launch has "
+                              f"{n} processes ({mode}). Run it with plain `python sft_train.py` or "
+                              "accelerate_configs/single_gpu.yaml, or drop model.device_map")
+        if m.random_init:
+            raise ConfigError("model.device_map needs weights loaded with from_pretrained; it does not apply to model.random_init")
+    if mode == "tp":
+        if tp_size(accelerator) != n:
+            raise ConfigError(f"parallelism_config tp_size ({tp_size(accelerator)}) must equal the number of processes ({n}): "
+                              "tensor parallelism is not combined with data parallelism or FSDP here")
+        if m.random_init or m.archive is not None:
+            raise ConfigError("tensor parallelism loads sharded weights with from_pretrained; model.random_init and "
+                              "model.archive are not supported with it")
+    if mode in ("fsdp", "tp"):
+        model = meta_model(config)
+        if mode == "fsdp":
+            check_block_name(model, m.block_name)
+        elif not model.supports_tp_plan:
+            raise ConfigError(f"{type(model).__name__} ({m.name_or_path}) has no tensor-parallel plan in transformers; "
+                              "use FSDP (accelerate_configs/fsdp_8gpu.yaml) or DDP for it")
+
+
+def model_load_kwargs(config: Config, accelerator: Accelerator) -> dict:
+    """Extra from_pretrained arguments: layers over GPUs (device_map) or the TP plan on all processes."""
+    if config.model.device_map is not None:
+        return {"device_map": config.model.device_map}
+    if parallel_mode(accelerator) == "tp":
+        from transformers.distributed import DistributedConfig
+
+        return {"distributed_config": DistributedConfig(tp_size=tp_size(accelerator))}
+    return {}
+
+
+def prepare_model(config: Config, accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """What must happen to the loaded model before accelerator.prepare."""
+    mode = parallel_mode(accelerator)
+    if mode == "fsdp" and config.model.fsdp_policy_mp:
+        # FSDP2 leaves buffers alone; cast them as the reference's FSDP mixed precision did (buffer_dtype).
+        dtype = getattr(torch, config.model.fsdp_policy_mp)
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.is_floating_point():
+                    module._buffers[name] = buffer.to(dtype)
+    if config.activation_checkpointing and mode != "fsdp":  # FSDP applies it per block through the plugin
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def sharded(accelerator: Accelerator) -> bool:
+    return parallel_mode(accelerator) in ("fsdp", "tp")
+
+
+def full_model_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unwrapped model's full state dict on CPU on the main process ({} on the others under FSDP/TP).
+
+    Every process must call it: under FSDP and TP the shards are gathered collectively.
+    """
+    if sharded(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if accelerator.is_main_process else {}
+    return {k: v.detach().cpu() for k, v in accelerator.get_state_dict(model).items()}
+
+
+def full_optimizer_state(accelerator: Accelerator, model: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's full state in torch's `state_dict()` layout (integer ids), main process only under FSDP/TP."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    if not sharded(accelerator):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return names_to_ids(state) if accelerator.is_main_process else {}
+
+
+def names_to_ids(state: dict) -> dict:
+    """torch.distributed.checkpoint's name-keyed optimizer state -> `optimizer.state_dict()` ids (params numbered in group order)."""
+    ids: dict[str, int] = {}
+    groups = []
+    for group in state["param_groups"]:
+        groups.append({**group, "params": [ids.setdefault(name, len(ids)) for name in group["params"]]})
+    return {"state": {ids[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+
+
+def ids_to_names(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The reverse of names_to_ids, for this optimizer's parameters in this (possibly wrapped) model."""
+    names: dict[int, str] = {}
+    for name, param in model.named_parameters():
+        for prefix in WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        names.setdefault(id(param), name)
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    saved = [i for group in state["param_groups"] for i in group["params"]]
+    if len(saved) != len(order):
+        raise ValueError(f"optimizer.pt holds {len(saved)} parameters, the optimizer has {len(order)}")
+    name_of = dict(zip(saved, order))
+    return {
+        "state": {name_of[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def load_full_state(accelerator: Accelerator, model: torch.nn.Module, optimizer, policy_path: Path, optimizer_path: Path) -> None:
+    """Resume: load a full policy.pt and optimizer.pt into the (possibly sharded) model and optimizer.
+
+    Under FSDP/TP only the main process reads the files and the others receive their shards from it, so a 7B run does
+    not hold one CPU copy per process.
+    """
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)
+    if not sharded(accelerator):
+        accelerator.unwrap_model(model).load_state_dict(ckpt.load_archive(policy_path)["state"])
+        torch_optimizer.load_state_dict(ckpt.load_archive(optimizer_path)["state"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    main = accelerator.is_main_process
+    set_model_state_dict(model, ckpt.load_archive(policy_path)["state"] if main else {}, options=options)
+    optim_state = ids_to_names(ckpt.load_archive(optimizer_path)["state"], model, torch_optimizer) if main else {}
+    set_optimizer_state_dict(model, torch_optimizer, optim_state, options=options)
+    for group in torch_optimizer.param_groups:  # the broadcast turns tuple hyperparameters (Adam's betas) into lists
+        group.update({k: tuple(v) for k, v in group.items() if k != "params" and isinstance(v, list)})
 
 
 def raise_open_file_limit(accelerator: Accelerator) -> str | None:
     """Multi-process runs open many files (shared memory, sockets); lift the soft limit to the hard one instead of asking for ulimit."""
-    if accelerator.distributed_type == DistributedType.NO:
+    if accelerator.num_processes == 1 and accelerator.distributed_type == DistributedType.NO:
         return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == hard or soft == resource.RLIM_INFINITY:
+    if soft == hard or soft == resource.RLIM_INFINITY or hard == resource.RLIM_INFINITY:
         return None
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return f"raised the open-file soft limit from {soft} to {hard}"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 console = Console()
@@ -31,6 +32,27 @@ class MetricsLogger:
         self.wandb_run = wandb_run
         self.min_interval = min_interval
         self.last_print = float("-inf")
+        self.progress: Progress | None = None
+
+    def start_progress(self, total_examples: int, done: int) -> None:
+        """A progress bar in examples; log lines print above it."""
+        if not self.enabled or not console.is_terminal:
+            return
+        self.progress = Progress(
+            TextColumn("[bold blue]training"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+        )
+        self.task = self.progress.add_task("train", total=total_examples, completed=done)
+        self.progress.start()
+
+    def advance(self, examples_seen: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=examples_seen)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
     def log(self, metrics: dict[str, Any], examples_seen: int, force: bool = False) -> None:
         if not self.enabled:

@@ -1,0 +1,191 @@
+"""Training throughput and memory of the batching, packing, attention and loss modes, on one fixed workload.
+
+    OMP_NUM_THREADS=1 python benchmarks/throughput.py                          # all modes, 6 timed steps each after 1 warm-up
+    OMP_NUM_THREADS=1 python benchmarks/throughput.py --steps 10 --modes padded,packed+sup+varlen --compile
+
+Workload: a randomly initialised Llama (hidden 256, 4 layers, vocabulary 32,000 so the LM head weighs as in real models) trained
+with the real `train_step` of sft_train.py on the 300 real HH rows under ../shared/data/hh (tokenized with the tiny GPT-2
+tokenizer; the demo rows of recipes/demo when that file is absent), max_length 512, batch 8, RMSprop.
+
+Every mode runs in its own worker process (so peak RSS is its own) holding its own copy of the model; the parent asks the
+workers for one step each in turn, so all modes see the same machine load. Modes on the reference order train on the same
+batches from the same weights, so their losses must agree (the `loss diff` column, against the padded baseline). Printed: one
+table of non-pad tokens/s, supervised tokens/s, step time and peak RSS, each also as a ratio to the padded baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: the packages live in the repository root
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(var, "1")
+
+SHARED = REPO.parent / "shared" / "data"
+HH_ROWS = SHARED / "hh" / "harmless-base-test-300.jsonl.gz"
+TOKENIZER = SHARED / "reference" / "tiny-gpt2"
+
+# name -> (batching, packing, supervised_logits_only, attn_implementation)
+MODES = {
+    "padded": ("reference", False, False, "sdpa"),
+    "padded+sup": ("reference", False, True, "sdpa"),
+    "bucketed": ("length_bucketed", False, False, "sdpa"),
+    "bucketed+sup": ("length_bucketed", False, True, "sdpa"),
+    "packed": ("reference", True, False, "sdpa"),
+    "packed+sup": ("reference", True, True, "sdpa"),
+    "packed+sup+varlen": ("reference", True, True, "sdpa_packed"),
+}
+
+
+def worker(mode: str, args: argparse.Namespace, conn) -> None:
+    """Build the mode's run, then run one training step per message and answer with its metrics."""
+    import torch
+    import transformers
+    from accelerate import Accelerator
+
+    import sft_train
+    from data.sft import build_split
+    from data.tokenize import TokenizeSettings
+    from modeling.load import load_tokenizer
+    from training.config import load_config
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    batching, packing, supervised_only, attn = MODES[mode.removesuffix("+compile")]
+    work = Path(args.work_dir)
+    config = load_config([
+        "exp_name=throughput", f"model.name_or_path={args.tokenizer}", f"batch_size={args.batch_size}",
+        f"max_length={args.max_length}", f"max_prompt_length={args.max_length // 2}", f"batching={batching}",
+        f"packing={str(packing).lower()}", f"loss.supervised_logits_only={str(supervised_only).lower()}",
+        f"loss.logits_chunk_tokens={args.chunk_tokens}", "lr=1e-4", "n_epochs=100", "wandb.enabled=false",
+    ])
+    tokenizer = load_tokenizer(config.model)
+    files = {args.dataset: {"train": [str(args.data)]}}
+    data = build_split([args.dataset], "train", files, tokenizer, TokenizeSettings(config.max_length, config.max_prompt_length),
+                       str(work / "cache"))
+    plans = sft_train.plan_train_batches(config.batching, data, config.batch_size, config.seed, config.n_epochs, None)
+    torch.manual_seed(0)
+    model_config = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64, max_position_embeddings=args.max_length,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(model_config, attn_implementation=attn)
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if mode.endswith("+compile"):
+        model = torch.compile(model, dynamic=True)
+    state = sft_train.TrainState()
+    conn.send("ready")
+    while conn.recv() == "step":
+        plan = next(plans)
+        metrics = sft_train.train_step(config, accelerator, model, optimizer, scheduler, [data[i] for i in plan.indices],
+                                       tokenizer.pad_token_id, state, work)
+        metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        conn.send(metrics)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)} (+compile appends)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=32000, help="model vocabulary (the tokenizer's ids are a prefix)")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--chunk_tokens", type=int, default=1024, help="loss.logits_chunk_tokens for the +sup modes")
+    parser.add_argument("--compile", action="store_true", help="also run the best mode under torch.compile")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m.removesuffix("+compile") not in MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    if args.compile:
+        modes.append("packed+sup+varlen+compile")
+    if HH_ROWS.exists() and TOKENIZER.exists():
+        args.data, args.dataset, args.tokenizer = HH_ROWS, "hh", TOKENIZER
+    else:
+        print(f"{HH_ROWS} not found: using the demo rows of recipes/demo instead")
+        args.data, args.dataset, args.tokenizer = REPO / "recipes" / "demo" / "train.jsonl", "hh", REPO / "recipes" / "demo"
+
+    with tempfile.TemporaryDirectory() as work:
+        args.work_dir = work
+        results = run_interleaved(modes, args)
+    print_table(modes, results, args)
+
+
+def run_interleaved(modes: list[str], args: argparse.Namespace) -> dict[str, list[dict]]:
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for mode in modes:  # one at a time: the first tokenizes and fills the cache the others read
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=(mode, args, child), daemon=True)
+        proc.start()
+        if parent.recv() != "ready":
+            raise RuntimeError(f"worker for {mode} failed to start")
+        workers[mode] = (proc, parent)
+    results: dict[str, list[dict]] = {m: [] for m in modes}
+    try:
+        for step in range(args.warmup + args.steps):
+            for mode in modes:
+                workers[mode][1].send("step")
+                metrics = workers[mode][1].recv()
+                if step >= args.warmup:
+                    results[mode].append(metrics)
+    finally:
+        for proc, conn in workers.values():
+            conn.send("stop")
+            proc.join(timeout=30)
+    return results
+
+
+def summarize(rows: list[dict], batch_size: int) -> dict:
+    seconds = [batch_size / r["examples_per_second"] for r in rows]  # the step's wall time, as train_step measured it
+    total = sum(seconds)
+    return {
+        "tokens_per_second": sum(r["tokens_per_second"] * t for r, t in zip(rows, seconds)) / total,
+        "supervised_tokens_per_second": sum(r["supervised_tokens_per_second"] * t for r, t in zip(rows, seconds)) / total,
+        "step_seconds": total / len(rows),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+        "padding_fraction": sum(r["padding_fraction"] for r in rows) / len(rows),
+        "losses": [r["loss/train"] for r in rows],
+    }
+
+
+def print_table(modes: list[str], results: dict[str, list[dict]], args: argparse.Namespace) -> None:
+    stats = {m: summarize(results[m], args.batch_size) for m in modes}
+    base = stats.get("padded") or stats[modes[0]]
+    base_losses = base["losses"]
+    print(f"\n{args.steps} steps after {args.warmup} warm-up, batch {args.batch_size}, max_length {args.max_length}, "
+          f"Llama hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}, data {args.data.name}; ratios to `padded`")
+    header = f"{'mode':<28}{'tok/s':>9}{'x':>7}{'sup tok/s':>11}{'x':>7}{'step s':>9}{'x':>7}{'peak RSS MB':>13}{'x':>7}{'pad':>7}{'loss diff':>11}"
+    print(header)
+    print("-" * len(header))
+    for mode in modes:
+        s = stats[mode]
+        same_order = MODES[mode.removesuffix("+compile")][0] == "reference"
+        diff = max(abs(a - b) / abs(b) for a, b in zip(s["losses"], base_losses)) if same_order else float("nan")
+        print(f"{mode:<28}{s['tokens_per_second']:>9.0f}{s['tokens_per_second'] / base['tokens_per_second']:>7.2f}"
+              f"{s['supervised_tokens_per_second']:>11.0f}{s['supervised_tokens_per_second'] / base['supervised_tokens_per_second']:>7.2f}"
+              f"{s['step_seconds']:>9.3f}{s['step_seconds'] / base['step_seconds']:>7.2f}"
+              f"{s['peak_rss_mb']:>13.0f}{s['peak_rss_mb'] / base['peak_rss_mb']:>7.2f}{s['padding_fraction']:>7.2f}"
+              f"{diff:>11.1e}")
+    print("loss diff: max relative difference of the per-step train loss from `padded` (same batches; nan: other order)")
+    if os.environ.get("THROUGHPUT_JSON"):
+        Path(os.environ["THROUGHPUT_JSON"]).write_text(json.dumps(stats, indent=1))
+
+
+if __name__ == "__main__":
+    main()

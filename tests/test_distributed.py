@@ -1,0 +1,325 @@
+"""Scaling out: DDP, FSDP2 and tensor parallelism reproduce the one-process run; bad combinations fail early.
+
+    python -m pytest tests/test_distributed.py -m "not slow"     # unit checks, a few seconds
+    python -m pytest tests/test_distributed.py                   # plus 2-process CPU runs (about 3 minutes on 2 cores)
+
+The multi-process tests run the real script on 2 gloo processes. DDP goes through accelerate_configs/cpu_2proc.yaml; FSDP2
+and TP, which accelerate refuses on CPU, go through tests/dist_scripts/forced_launch.py, which only switches the
+Accelerator's state (shared/design/cpu-parallel.md). All runs train the same tiny Llama on the same global batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+from accelerate.utils import DistributedType
+
+from training.config import ConfigError, build_config
+from training.distributed import (block_candidates, check_setup, data_parallel, fsdp_plugin, ids_to_names, model_load_kwargs,
+                                  names_to_ids, prepare_model, raise_open_file_limit)
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "recipes" / "demo"
+FORCED = REPO / "tests" / "dist_scripts" / "forced_launch.py"
+LAUNCH_2 = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+
+
+def make_tiny_llama(path: Path) -> Path:
+    """A 2-layer Llama (hidden 32) with the demo tokenizer, saved as a real checkpoint (TP needs from_pretrained)."""
+    config = json.loads((DEMO / "config.json").read_text())
+    config.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                  head_dim=16, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(DEMO / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def recipe(model_dir: Path, **extra) -> list[str]:
+    """3 AdamW updates of 4 examples (2 micro-batches), evals with 3 samples at 0, 8 and 12 examples, a step-8 checkpoint."""
+    args = {
+        "exp_name": "dist", "model": "blank_model", "model.name_or_path": model_dir, "model.block_name": "LlamaDecoderLayer",
+        "datasets": "[hh]", "data_files.hh.train": DEMO / "train.jsonl", "data_files.hh.test": DEMO / "test.jsonl",
+        "batch_size": 4, "gradient_accumulation_steps": 2, "optimizer": "AdamW", "lr": 1e-2, "warmup_steps": 0,
+        "n_epochs": "null", "n_examples": 12, "n_eval_examples": 8, "eval_batch_size": 4, "eval_every": 8,
+        "sample_during_eval": "true", "n_eval_model_samples": 3, "max_new_tokens": 4, "max_length": 64,
+        "max_prompt_length": 48, "minimum_log_interval_secs": 0, "wandb.enabled": "false", "export": "false",
+    }
+    return [f"{k}={v}" for k, v in {**args, **extra}.items()]
+
+
+def config_for(model_dir: Path, **extra):
+    return build_config({"exp_name": "x", "model": {"name": "blank_model", "name_or_path": str(model_dir),
+                                                     "block_name": "LlamaDecoderLayer", **extra}})
+
+
+def fake_accelerator(mode: str, rank: int = 0, world: int = 2):
+    """What parallel_mode/check_setup/data_parallel read from an Accelerator."""
+    tp = SimpleNamespace(tp_enabled=True, tp_size=world) if mode == "tp" else None
+    kind = {"single": DistributedType.NO, "ddp": DistributedType.MULTI_CPU, "fsdp": DistributedType.FSDP,
+            "tp": DistributedType.MULTI_CPU}[mode]
+    return SimpleNamespace(parallelism_config=tp, distributed_type=kind, num_processes=1 if mode == "single" else world,
+                           process_index=rank)
+
+
+# ---- unit checks ----
+
+def test_fsdp_plugin_takes_block_precision_and_checkpointing_from_the_recipe(tiny_llama, monkeypatch):
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # the plugin writes it back; monkeypatch restores it
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    config = config_for(tiny_llama, fsdp_policy_mp="bfloat16")
+    config.activation_checkpointing = True
+    plugin = fsdp_plugin(config)
+    assert plugin.fsdp_version == 2
+    assert plugin.auto_wrap_policy is transformer_auto_wrap_policy  # without it the class names would be ignored
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    assert (plugin.mixed_precision_policy.param_dtype, plugin.mixed_precision_policy.reduce_dtype) == (torch.bfloat16,) * 2
+    assert plugin.activation_checkpointing is True
+    assert plugin.cpu_ram_efficient_loading is True and os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "True"
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"
+    assert fsdp_plugin(config_for(tiny_llama)).mixed_precision_policy is None  # fsdp_policy_mp null: policy_dtype throughout
+
+
+def test_fsdp_plugin_refuses_fsdp1_and_a_missing_block_name(tiny_llama, monkeypatch):
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="FSDP version 1; this suite runs FSDP2 only"):
+        fsdp_plugin(config_for(tiny_llama))
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ConfigError, match="model.block_name is required with FSDP"):
+        fsdp_plugin(config_for(tiny_llama, block_name=None))
+
+
+def test_fsdp_block_name_absent_from_the_model_lists_the_block_classes(tiny_llama):
+    with pytest.raises(ConfigError) as err:
+        check_setup(config_for(tiny_llama, block_name="GPTNeoXLayer"), fake_accelerator("fsdp"))
+    assert "model.block_name='GPTNeoXLayer' matches no module of LlamaForCausalLM" in str(err.value)
+    assert str(err.value).endswith("its block classes: LlamaDecoderLayer")
+    check_setup(config_for(tiny_llama), fake_accelerator("fsdp"))  # the right name passes
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16))
+    assert block_candidates(model) == ["GPT2Block"]
+
+
+def test_tensor_parallel_needs_a_model_with_a_plan_and_all_processes(tiny_llama, tmp_path):
+    gpt2 = tmp_path / "gpt2"
+    transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16).save_pretrained(gpt2)
+    with pytest.raises(ConfigError, match=r"GPT2LMHeadModel \(.*gpt2\) has no tensor-parallel plan"):
+        check_setup(config_for(gpt2, block_name="GPT2Block"), fake_accelerator("tp"))
+    check_setup(config_for(tiny_llama), fake_accelerator("tp"))
+    accelerator = fake_accelerator("tp", world=4)
+    accelerator.parallelism_config.tp_size = 2
+    with pytest.raises(ConfigError, match=r"tp_size \(2\) must equal the number of processes \(4\)"):
+        check_setup(config_for(tiny_llama), accelerator)
+    with pytest.raises(ConfigError, match="model.random_init and model.archive are not supported"):
+        check_setup(config_for(tiny_llama, random_init=True), fake_accelerator("tp"))
+    kwargs = model_load_kwargs(config_for(tiny_llama), fake_accelerator("tp"))
+    assert list(kwargs) == ["distributed_config"] and kwargs["distributed_config"].tp_size == 2
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "tp"])
+def test_device_map_is_refused_with_several_processes(tiny_llama, mode):
+    with pytest.raises(ConfigError, match=rf"model.device_map=balanced spreads ONE process .* this launch has 2 processes \({mode}\)"):
+        check_setup(config_for(tiny_llama, device_map="balanced"), fake_accelerator(mode))
+
+
+def test_device_map_goes_to_from_pretrained_in_one_process(tiny_llama):
+    config = config_for(tiny_llama, device_map="balanced")
+    check_setup(config, fake_accelerator("single"))
+    assert model_load_kwargs(config, fake_accelerator("single")) == {"device_map": "balanced"}
+    assert model_load_kwargs(config_for(tiny_llama), fake_accelerator("single")) == {}
+    with pytest.raises(ConfigError, match="does not apply to model.random_init"):
+        check_setup(config_for(tiny_llama, device_map="balanced", random_init=True), fake_accelerator("single"))
+
+
+def test_data_parallel_rank_and_size_per_mode():
+    assert data_parallel(fake_accelerator("single")) == (0, 1)
+    assert data_parallel(fake_accelerator("ddp", rank=1)) == (1, 2)
+    assert data_parallel(fake_accelerator("fsdp", rank=1)) == (1, 2)
+    assert data_parallel(fake_accelerator("tp", rank=1)) == (0, 1)  # TP ranks share the batch
+
+
+def test_open_file_soft_limit_is_raised_to_the_hard_limit_for_several_processes():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 64:
+        pytest.skip(f"hard open-file limit {hard} cannot be tested")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (32, hard))
+        assert raise_open_file_limit(fake_accelerator("single")) is None
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (32, hard)
+        assert raise_open_file_limit(fake_accelerator("ddp")) == f"raised the open-file soft limit from 32 to {hard}"
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+        assert raise_open_file_limit(fake_accelerator("ddp")) is None  # already at the hard limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_optimizer_state_converts_between_parameter_names_and_ids():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW([{"params": [model[0].weight, model[0].bias]}, {"params": list(model[2].parameters()), "lr": 0.1}])
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    by_id = optimizer.state_dict()
+    model[2] = checkpoint_wrapper(model[2])  # wrappers rename parameters; the saved names must not change
+    by_name = ids_to_names(by_id, model, optimizer)
+    assert list(by_name["state"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert [g["params"] for g in by_name["param_groups"]] == [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
+    assert by_name["state"]["2.bias"]["exp_avg"] is by_id["state"][3]["exp_avg"]
+    back = names_to_ids(by_name)
+    assert back["param_groups"] == by_id["param_groups"]
+    assert list(back["state"]) == [0, 1, 2, 3] and all(back["state"][i] is by_id["state"][i] for i in range(4))
+
+
+def test_prepare_model_casts_buffers_for_fsdp_mixed_precision_and_checkpoints_blocks_otherwise(tiny_llama):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    prepare_model(config_for(tiny_llama, fsdp_policy_mp="bfloat16"), fake_accelerator("fsdp"), model)
+    assert {b.dtype for b in model.buffers()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # master weights stay in policy_dtype
+    config = config_for(tiny_llama)
+    config.activation_checkpointing = True
+    prepare_model(config, fake_accelerator("ddp"), model)
+    assert model.is_activation_checkpointing
+
+
+@pytest.mark.parametrize("mode, extra, message", [
+    ("ddp", ["model.device_map=balanced"], "model.device_map=balanced spreads ONE process"),
+    ("fsdp", ["model.block_name=GPT2Block"], "model.block_name='GPT2Block' matches no module of LlamaForCausalLM"),
+])
+def test_the_script_stops_on_a_bad_combination_before_loading_anything(tiny_llama, tmp_path, monkeypatch, mode, extra, message):
+    import sft_train
+
+    monkeypatch.setattr(sft_train, "build_accelerator", lambda config: fake_accelerator(mode))
+    with pytest.raises(ConfigError, match=message):
+        sft_train.main([*recipe(tiny_llama), f"run_dir={tmp_path / 'r'}", f"local_dirs=[{tmp_path}]",
+                        *extra])
+    assert not (tmp_path / "r").exists()
+
+
+# ---- 2-process runs ----
+
+def run(command: list[str], tmp: Path, **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", **env}
+    result = subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    (tmp / f"log-{len(list(tmp.glob('log-*')))}.txt").write_text(result.stdout + result.stderr)
+    return result
+
+
+def launch(tmp: Path, run_dir: Path, model_dir: Path, mode: str, *extra: str) -> Path:
+    """mode: 1proc (python sft_train.py), ddp (cpu_2proc.yaml), fsdp or tp (forced on 2 CPU processes)."""
+    args = [*recipe(model_dir), f"run_dir={run_dir}", f"local_dirs=[{tmp / 'cache'}]", *extra]
+    if mode == "1proc":
+        result = run(["sft_train.py", *args], tmp)
+    elif mode == "ddp":
+        result = run(["-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", "sft_train.py", *args], tmp)
+    else:
+        fsdp_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+        result = run([*LAUNCH_2, str(FORCED), mode, *args], tmp, **(fsdp_env if mode == "fsdp" else {}))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return run_dir
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_training(run_dir: Path, baseline: Path, rel: float = 1e-5) -> None:
+    ours, theirs = metrics(run_dir), metrics(baseline)
+    assert [m["examples_seen"] for m in ours] == [m["examples_seen"] for m in theirs] == [0, 4, 8, 8, 12, 12]
+    for a, b in zip(ours, theirs):
+        for key in ("loss/train", "nll_per_token/train", "grad_norm", "loss/eval", "nll_per_token/eval"):
+            assert (key in a) == (key in b)
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=rel), (a["examples_seen"], key)
+    assert_same_checkpoint(run_dir / "LATEST", baseline / "LATEST")
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["examples_seen"] for s in samples] == [0, 0, 0, 8, 8, 8, 12, 12, 12]  # 3 samples per eval, none doubled
+
+
+def assert_same_checkpoint(ours: Path, theirs: Path, atol: float = 1e-5) -> None:
+    policy, reference = torch.load(ours / "policy.pt")["state"], torch.load(theirs / "policy.pt")["state"]
+    assert list(policy) == list(reference)  # the unwrapped model's keys, in order
+    for key in reference:
+        assert policy[key].dtype == reference[key].dtype and not isinstance(policy[key], torch.distributed.tensor.DTensor)
+        torch.testing.assert_close(policy[key], reference[key], atol=atol, rtol=0, msg=key)
+    optim, optim_ref = torch.load(ours / "optimizer.pt")["state"], torch.load(theirs / "optimizer.pt")["state"]
+    assert optim["param_groups"] == optim_ref["param_groups"]
+    assert list(optim["state"]) == list(optim_ref["state"]) == list(range(len(reference)))
+    for i, state in optim_ref["state"].items():
+        assert set(optim["state"][i]) == set(state)
+        for name, value in state.items():
+            torch.testing.assert_close(optim["state"][i][name], value, atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_llama) -> dict:
+    """The 1-process baseline; the other runs are added by the tests that make them."""
+    tmp = tmp_path_factory.mktemp("runs")
+    return {"tmp": tmp, "model": tiny_llama, "1proc": launch(tmp, tmp / "1proc", tiny_llama, "1proc")}
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(runs):
+    run_dir = launch(runs["tmp"], runs["tmp"] / "ddp", runs["model"], "ddp")
+    assert_same_training(run_dir, runs["1proc"])
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(runs) -> Path:
+    return launch(runs["tmp"], runs["tmp"] / "fsdp", runs["model"], "fsdp")
+
+
+@pytest.mark.slow
+def test_fsdp2_wraps_exactly_the_blocks_and_matches_one_process(fsdp_run, runs):
+    facts = json.loads((fsdp_run / "parallel.json").read_text())
+    assert facts["mode"] == "fsdp"
+    units = dict(facts["fsdp_units"])
+    blocks = {name for name, cls in units.items() if cls == "FSDPLlamaDecoderLayer"}
+    assert blocks == {"model.layers.0", "model.layers.1"}
+    # Besides the blocks, accelerate gives the root, the input embedding and the output tail their own units.
+    assert set(units) - blocks == {"", "model.embed_tokens", "model.norm", "lm_head"}
+    assert_same_training(fsdp_run, runs["1proc"])
+    assert sorted(p.name for p in fsdp_run.iterdir() if p.is_dir()) == ["LATEST", "step-8"]
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_from_its_checkpoint_with_activation_checkpointing(fsdp_run, runs):
+    resumed = launch(runs["tmp"], runs["tmp"] / "fsdp-resumed", runs["model"], "fsdp",
+                     f"resume_from={fsdp_run / 'step-8'}", "activation_checkpointing=true")
+    assert [m["examples_seen"] for m in metrics(resumed)] == [12, 12]
+    assert metrics(resumed)[0]["loss/train"] == pytest.approx(metrics(fsdp_run)[4]["loss/train"], rel=1e-5)
+    assert_same_checkpoint(resumed / "LATEST", fsdp_run / "LATEST")
+    # accelerate shards each checkpointed block inside its (parameter-less) checkpoint wrapper
+    units = json.loads((resumed / "parallel.json").read_text())["fsdp_units"]
+    assert [name for name, cls in units if cls == "FSDPLlamaDecoderLayer"] == \
+        ["model.layers.0._checkpoint_wrapped_module", "model.layers.1._checkpoint_wrapped_module"]
+    assert [name for name, cls in units if cls == "FSDPCheckpointWrapper"] == ["model.layers.0", "model.layers.1"]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_two_processes_match_one_process(runs):
+    run_dir = launch(runs["tmp"], runs["tmp"] / "tp", runs["model"], "tp")
+    facts = json.loads((run_dir / "parallel.json").read_text())
+    assert facts["mode"] == "tp" and facts["fsdp_units"] == []
+    assert "model.layers.0.self_attn.q_proj.weight" in facts["dtensor_params"]  # really sharded
+    assert_same_training(run_dir, runs["1proc"])

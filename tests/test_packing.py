@@ -1,0 +1,112 @@
+"""Packing: best-fit rows, exact labels/positions with sentinel ids, no attention across examples, and the same training run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import sft_train
+from data.batches import collate
+from data.packing import collate_packed, pack_rows, tensor_tokens
+from modeling.loss import sequence_nll
+from tests.tiny import tiny_data, tiny_model_dir, tiny_run_args
+
+
+def example(prompt: list[int], response: list[int], **extra) -> dict:
+    return {"prompt_ids": prompt, "response_ids": response, **extra}
+
+
+def test_pack_rows_best_fit():
+    # Decreasing length: 6 opens row 0 (2 left), 5 row 1 (3 left), 4 fits neither so opens row 2, 3 fills row 1, 2 fills row 0.
+    assert pack_rows([5, 3, 4, 2, 6], 8) == [[3, 4], [0, 1], [2]]
+    assert pack_rows([8, 8], 8) == [[0], [1]]
+    with pytest.raises(ValueError, match="example 1 has 9 tokens"):
+        pack_rows([3, 9], 8)
+
+
+def test_collate_packed_sentinels():
+    examples = [example([11, 12], [13, 14, 15]), example([21], [22]), example([31, 32, 33], [34, 35, 36, 37])]
+    batch = collate_packed(examples, pad_id=-8, max_length=8)
+    # lengths 5, 2, 7: the 7 opens row 0 (1 left), the 5 opens row 1 (3 left), the 2 goes to row 1.
+    assert batch["input_ids"].tolist() == [[31, 32, 33, 34, 35, 36, 37], [11, 12, 13, 14, 15, 21, 22]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 34, 35, 36, 37], [-100, -100, 13, 14, 15, -100, 22]]
+    assert batch["example_index"].tolist() == [[2, 2, 2, 2, 2, 2, 2], [0, 0, 0, 0, 0, 1, 1]]
+    assert set(batch) == {"input_ids", "position_ids", "labels", "example_index"}
+
+
+def test_collate_packed_filler_and_masks():
+    examples = [example([1, 2], [3, 4]), example([], [5, 6, 7], response_mask=[1, 0, 1]), example([8], [9])]
+    batch = collate_packed(examples, pad_id=-8, max_length=6)
+    # lengths 4, 3, 2: the 4 opens row 0 (2 left), the 3 opens row 1, the 2 fills row 0; row 1 ends in filler.
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 8, 9], [5, 6, 7, -8, -8, -8]]
+    # An example with no prompt: its first token is never predicted, so its label is -100 (as the shift drops it unpacked);
+    # response_mask 0 gives -100 too.
+    assert batch["labels"].tolist() == [[-100, -100, 3, 4, -100, 9], [-100, -100, 7, -100, -100, -100]]
+    # Filler restarts its positions: it is a sequence of its own, not a continuation of the example before it.
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
+    assert batch["example_index"].tolist() == [[0, 0, 0, 0, 2, 2], [1, 1, 1, -1, -1, -1]]
+    assert tensor_tokens([4, 3, 2], packing=True, max_length=6) == 12
+    assert tensor_tokens([5, 1], packing=True, max_length=6) == 6
+    assert tensor_tokens([5, 1], packing=False, max_length=6) == 10
+
+
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("llama", "eager"), ("llama", "sdpa_packed"), ("gpt2", "sdpa")])
+@pytest.mark.parametrize("supervised_only", [True, False])
+def test_packed_losses_equal_alone(tmp_path, arch, attn, supervised_only):
+    """Each example's loss in a packed row equals its loss computed alone: nothing leaks across the boundaries."""
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.from_pretrained(tiny_model_dir(tmp_path, arch=arch))
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    shapes = [(5, 3), (7, 9), (2, 4), (12, 6), (3, 1), (1, 2)]
+    examples = [example(torch.randint(1, 390, (p,)).tolist(), torch.randint(1, 390, (r,)).tolist()) for p, r in shapes]
+    batch = collate_packed(examples, pad_id=0, max_length=24)
+    assert batch["input_ids"].shape[0] < len(examples)  # rows hold several examples
+    with torch.no_grad():
+        packed, counts = sequence_nll(model, batch, supervised_only)
+        alone = [sequence_nll(model, collate([e], pad_id=0), supervised_only) for e in examples]
+    assert counts.tolist() == [r for _, r in shapes]
+    torch.testing.assert_close(packed, torch.cat([nll for nll, _ in alone]), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_losses_leak_with_a_cache(tmp_path):
+    """Why sequence_nll passes use_cache=False: with a cache, transformers ignores the packing in position_ids."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tiny_model_dir(tmp_path))).eval()
+    batch = collate_packed([example([5, 6, 7], [8, 9]), example([10, 11], [12, 13])], pad_id=0, max_length=16)
+    with torch.no_grad():
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        leaky = model(**inputs, use_cache=True).logits
+        clean = model(**inputs, use_cache=False).logits
+    assert torch.equal(leaky[:, :5], clean[:, :5])  # the first example sees nothing else either way
+    assert not torch.allclose(leaky[:, 5:], clean[:, 5:], atol=1e-3)
+
+
+def run_metrics(tmp_path, name: str, **overrides) -> list[dict]:
+    model = tiny_model_dir(tmp_path / "model")
+    train, test = tiny_data(tmp_path, n_train=16, n_test=8)
+    run_dir = tmp_path / name
+    sft_train.main(tiny_run_args(tmp_path, model, train, test, run_dir=run_dir, batch_size=8, gradient_accumulation_steps=2,
+                                 eval_batch_size=8, n_eval_examples=8, eval_every=8, **overrides))
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_packed_run_equals_padded_run(tmp_path):
+    """The real CLI with packing trains on the same examples per step and logs the same losses as the padded run."""
+    padded = run_metrics(tmp_path, "padded", packing=False, loss__supervised_logits_only=False)
+    packed = run_metrics(tmp_path, "packed", packing=True)
+    train_p, train_q = [r for r in padded if "loss/train" in r], [r for r in packed if "loss/train" in r]
+    assert len(train_p) == len(train_q) == 2
+    for p, q in zip(train_p, train_q):
+        assert q["loss/train"] == pytest.approx(p["loss/train"], rel=1e-5)
+        assert q["grad_norm"] == pytest.approx(p["grad_norm"], rel=1e-4)
+        for key in ("tokens_per_second", "supervised_tokens_per_second", "examples_per_second", "padding_fraction",
+                    "peak_memory_gb"):
+            assert key in p and key in q, key
+        assert q["padding_fraction"] < p["padding_fraction"]
+        assert "mfu" not in q  # GPU only
+    evals_p, evals_q = [r["loss/eval"] for r in padded if "loss/eval" in r], [r["loss/eval"] for r in packed if "loss/eval" in r]
+    assert evals_q == pytest.approx(evals_p, rel=1e-5) and len(evals_q) == 3
