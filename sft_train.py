@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> Path:
     if note := raise_open_file_limit(accelerator):
         log.info(note)
     data_files = normalize_data_files(config.data_files, config.datasets, log.warning)
-    resume_dir = ckpt.resolve_resume(config.resume_from, Path(config.run_dir)) if config.resume_from else None
+    resume_dir = ckpt.resolve_resume(config.resume_from, config.run_dir) if config.resume_from else None
     cache_dir = str(local_dir(config.local_dirs) / "cache")
 
     tokenizer = load_tokenizer(config.model)

@@ -29,7 +29,7 @@ def tiny(tmp_path_factory):
     return root, model, train, test
 
 
-def args(tiny, run_dir: Path, **overrides) -> list[str]:
+def args(tiny, run_dir: Path | None, **overrides) -> list[str]:
     root, model, train, test = tiny
     return tiny_run_args(root, model, train, test, run_dir=run_dir, batch_size=4, n_epochs=2, eval_every=8, warmup_steps=2,
                          sample_during_eval=True, n_eval_model_samples=2, max_new_tokens=2, n_eval_examples=8, **overrides)
@@ -106,7 +106,7 @@ def test_resume_in_second_epoch_from_latest_path(tiny, full):
     sft_train.main(args(tiny, run_dir, max_updates_this_run=5))
     state = ckpt.load_file(run_dir / "LATEST" / "train_state.pt")
     assert (state["examples_seen"], state["updates"], state["epoch"], state["offset"]) == (20, 5, 1, 4)
-    sft_train.main(args(tiny, run_dir, resume_from=run_dir / "LATEST"))
+    sft_train.main(args(tiny, None, resume_from=run_dir / "LATEST"))  # no run_dir: the checkpoint's run continues
     assert_same_run(run_dir, full)
 
 

@@ -228,9 +228,12 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def resolve_resume(resume_from: str, run_dir: Path) -> Path:
-    """`auto` -> the newest complete checkpoint of run_dir; a path must be a complete checkpoint."""
+def resolve_resume(resume_from: str, run_dir: str | Path | None) -> Path:
+    """`auto` -> the newest complete checkpoint of run_dir; a path must be a complete checkpoint (run_dir may be unset)."""
     if resume_from == "auto":
+        if run_dir is None:
+            raise CheckpointError("resume_from=auto needs run_dir=PATH (the run to continue)")
+        run_dir = Path(run_dir)
         recover(run_dir)
         found = complete_checkpoints(run_dir)
         if not found:
