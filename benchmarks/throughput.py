@@ -1,16 +1,21 @@
 """Training throughput and memory of the batching, packing, attention and loss modes, on one fixed workload.
 
-    OMP_NUM_THREADS=1 python benchmarks/throughput.py                          # all modes, 6 timed steps each after 1 warm-up
+    OMP_NUM_THREADS=1 python benchmarks/throughput.py                          # every mode, 6 timed steps each after 1 warm-up
     OMP_NUM_THREADS=1 python benchmarks/throughput.py --steps 10 --modes padded,packed+sup+varlen --compile
 
 Workload: a randomly initialised Llama (hidden 256, 4 layers, vocabulary 32,000 so the LM head weighs as in real models) trained
 with the real `train_step` of sft_train.py on the 300 real HH rows under ../shared/data/hh (tokenized with the tiny GPT-2
 tokenizer; the demo rows of recipes/demo when that file is absent), max_length 512, batch 8, RMSprop.
 
+Modes: padded (the reference: reference order, right padding, full logits), +sup (loss.supervised_logits_only), bucketed
+(batching=length_bucketed), packed (packing=true), +varlen (model.attn_implementation=sdpa_packed); --compile adds packed+sup
+under torch.compile (on CPU it recompiles for every new shape, so a short run mostly measures compilation).
+
 Every mode runs in its own worker process (so peak RSS is its own) holding its own copy of the model; the parent asks the
 workers for one step each in turn, so all modes see the same machine load. Modes on the reference order train on the same
 batches from the same weights, so their losses must agree (the `loss diff` column, against the padded baseline). Printed: one
-table of non-pad tokens/s, supervised tokens/s, step time and peak RSS, each also as a ratio to the padded baseline.
+table of non-pad tokens/s (per wall second and per CPU second of the worker), supervised tokens/s, step time and peak RSS,
+each as a ratio to the padded baseline; then the attention alone, timed on the same batches in the three layouts.
 """
 
 from __future__ import annotations
@@ -126,6 +131,7 @@ def main() -> None:
         args.work_dir = work
         results = run_interleaved(modes, args)
     print_table(modes, results, args)
+    attention_table(args)
 
 
 def run_interleaved(modes: list[str], args: argparse.Namespace) -> dict[str, list[dict]]:
@@ -192,6 +198,54 @@ def print_table(modes: list[str], results: dict[str, list[dict]], args: argparse
           "loss diff: max relative difference of the per-step train loss from `padded` (same batches; nan: other order)")
     if os.environ.get("THROUGHPUT_JSON"):
         Path(os.environ["THROUGHPUT_JSON"]).write_text(json.dumps(stats, indent=1))
+
+
+def attention_table(args: argparse.Namespace) -> None:
+    """Attention alone (forward + backward, one layer's shapes) on the benchmark's first batches: what each layout computes."""
+    import torch
+    import torch.nn.functional as F
+
+    from data.batches import collate, plan_batches
+    from data.packing import collate_packed
+    from data.sft import build_split
+    from data.tokenize import TokenizeSettings
+    from modeling.load import load_tokenizer
+    from modeling.packed_attention import example_spans
+    from training.config import load_config
+
+    config = load_config(["exp_name=throughput", f"model.name_or_path={args.tokenizer}"])
+    with tempfile.TemporaryDirectory() as work:
+        data = build_split([args.dataset], "train", {args.dataset: {"train": [str(args.data)]}}, load_tokenizer(config.model),
+                           TokenizeSettings(args.max_length, args.max_length // 2), work)
+    heads, dim = args.hidden // 64, 64
+    timings = {"padded, padding mask": 0.0, "packed, block-diagonal mask": 0.0, "packed, per example (sdpa_packed)": 0.0}
+    for plan in list(plan_batches(len(data), args.batch_size, 0, 1, None))[: args.steps]:
+        examples = [data[i] for i in plan.indices]
+        padded, packed = collate(examples, 0), collate_packed(examples, 0, args.max_length)
+        keep = padded["attention_mask"].bool()
+        padding_mask = keep[:, None, None, :] & torch.ones(keep.shape[1], keep.shape[1], dtype=torch.bool).tril()
+        owner = packed["example_index"]
+        block_mask = (owner[:, None, :, None] == owner[:, None, None, :]) & torch.ones(owner.shape[1], owner.shape[1],
+                                                                                        dtype=torch.bool).tril()
+        spans = example_spans(packed["position_ids"])
+
+        def per_example(q, k, v):
+            return torch.cat([torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                                                        is_causal=True) for s, e in row], dim=2)
+                              for b, row in enumerate(spans)])
+
+        cases = {"padded, padding mask": (keep.shape, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=padding_mask)),
+                 "packed, block-diagonal mask": (owner.shape, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask)),
+                 "packed, per example (sdpa_packed)": (owner.shape, per_example)}
+        for name, (shape, fn) in cases.items():
+            q, k, v = (torch.randn(shape[0], heads, shape[1], dim, requires_grad=True) for _ in range(3))
+            start = time.perf_counter()
+            fn(q, k, v).sum().backward()
+            timings[name] += time.perf_counter() - start
+    base = timings["padded, padding mask"]
+    print(f"\nattention only (forward + backward of one layer, {heads} heads x {dim}, the same {args.steps} batches):")
+    for name, seconds in timings.items():
+        print(f"  {name:<36}{seconds:>8.3f} s{seconds / base:>7.2f}x")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     batch = collate_packed(examples, pad_id, max_length=512)
     nll, counts = sequence_nll(model, batch)          # per example, in the order of `examples`
 
-Each example is placed whole (never split) into the fullest row it still fits (best-fit decreasing). Its position_ids restart
+Each example is placed whole (never split); rows are as few and as evenly filled as pack_rows finds. Its position_ids restart
 at 0, so the model's attention treats the row as separate sequences: transformers derives the block-diagonal causal mask from
 position_ids when no attention_mask and no cache are passed (sdpa/eager/flex on CPU, flash-attention varlen on GPU). The first
 token of each example gets label -100: unpacked, nothing predicts it either, so the loss of every example is the same sum it
@@ -14,7 +14,7 @@ holds exactly the examples it holds unpacked.
 
 from __future__ import annotations
 
-import bisect
+import heapq
 
 import torch
 
@@ -22,25 +22,30 @@ from data.batches import collate
 
 
 def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
-    """Indices into `lengths` grouped into rows of total length <= max_length; each row lists its members in index order."""
+    """Indices into `lengths` grouped into as few rows of total length <= max_length as this finds, balanced so the longest
+    row (the tensor's width, hence the filler) is short; each row lists its members in index order.
+
+    For R = ceil(total / max_length), R + 1, ...: place the examples longest first, each into the least-filled of R rows; the
+    first R where every example fits is used (R = number of examples always fits).
+    """
     for i, n in enumerate(lengths):
         if n > max_length:
             raise ValueError(f"example {i} has {n} tokens, more than max_length={max_length}: it cannot be packed")
         if n <= 0:
             raise ValueError(f"example {i} has no tokens")
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # sorted (space left, row id): the best fit is the first entry with enough space
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        k = bisect.bisect_left(free, (lengths[i], -1))
-        if k < len(free):
-            space, row = free.pop(k)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    for n_rows in range(max(1, -(-sum(lengths) // max_length)), len(lengths) + 1):
+        loads = [(0, r) for r in range(n_rows)]  # a heap of (tokens so far, row)
+        rows: list[list[int]] = [[] for _ in range(n_rows)]
+        for i in order:
+            load, r = heapq.heappop(loads)
+            if load + lengths[i] > max_length:
+                break
+            rows[r].append(i)
+            heapq.heappush(loads, (load + lengths[i], r))
         else:
-            space, row = max_length, len(rows)
-            rows.append([])
-        rows[row].append(i)
-        if space - lengths[i] > 0:
-            bisect.insort(free, (space - lengths[i], row))
-    return [sorted(r) for r in rows]
+            return [sorted(r) for r in rows if r]
+    return [[i] for i in range(len(lengths))]
 
 
 def collate_packed(examples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:

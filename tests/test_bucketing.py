@@ -77,7 +77,6 @@ def test_reference_mode_is_plan_batches():
         plan_train_batches("sorted", LENGTHS, 4, 0, 2, None)
 
 
-@pytest.mark.slow
 def test_bucketed_run_resumes_bit_identical(tmp_path):
     """The CLI with batching=length_bucketed, stopped inside the second epoch and resumed, ends as the uninterrupted run."""
     model = tiny_model_dir(tmp_path / "model")

@@ -16,8 +16,8 @@ from tests.tiny import tiny_model_dir
 def batch_examples(seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     shapes = [(6, 4), (3, 9), (10, 2), (1, 5)]
-    return [{"prompt_ids": torch.randint(1, 390, (p,), generator=g).tolist(),
-             "response_ids": torch.randint(1, 390, (r,), generator=g).tolist()} for p, r in shapes]
+    return [{"prompt_ids": torch.randint(1, 300, (p,), generator=g).tolist(),
+             "response_ids": torch.randint(1, 300, (r,), generator=g).tolist()} for p, r in shapes]
 
 
 def tiny_llama(tmp_path) -> transformers.PreTrainedModel:

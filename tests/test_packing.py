@@ -1,4 +1,4 @@
-"""Packing: best-fit rows, exact labels/positions with sentinel ids, no attention across examples, and the same training run."""
+"""Packing: few balanced rows, exact labels/positions with sentinel ids, no attention across examples, and the same training run."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ def example(prompt: list[int], response: list[int], **extra) -> dict:
     return {"prompt_ids": prompt, "response_ids": response, **extra}
 
 
-def test_pack_rows_best_fit():
-    # Decreasing length: 6 opens row 0 (2 left), 5 row 1 (3 left), 4 fits neither so opens row 2, 3 fills row 1, 2 fills row 0.
-    assert pack_rows([5, 3, 4, 2, 6], 8) == [[3, 4], [0, 1], [2]]
-    assert pack_rows([8, 8], 8) == [[0], [1]]
+def test_pack_rows_few_balanced_rows():
+    # 20 tokens need 3 rows of 8: longest first into the least-filled row: 6 -> r0, 5 -> r1, 4 -> r2, 3 -> r2, 2 -> r1.
+    assert pack_rows([5, 3, 4, 2, 6], 8) == [[4], [0, 3], [1, 2]]
+    # 2 rows would do by count, but 5 and 5 cannot share: the first count where every example fits.
+    assert pack_rows([5, 5, 5], 8) == [[0], [1], [2]]
+    assert pack_rows([4, 4, 4, 4], 8) == [[0, 2], [1, 3]]
     with pytest.raises(ValueError, match="example 1 has 9 tokens"):
         pack_rows([3, 9], 8)
 
@@ -30,7 +32,7 @@ def test_pack_rows_best_fit():
 def test_collate_packed_sentinels():
     examples = [example([11, 12], [13, 14, 15]), example([21], [22]), example([31, 32, 33], [34, 35, 36, 37])]
     batch = collate_packed(examples, pad_id=-8, max_length=8)
-    # lengths 5, 2, 7: the 7 opens row 0 (1 left), the 5 opens row 1 (3 left), the 2 goes to row 1.
+    # lengths 5, 2, 7 in 2 rows: the 7 to row 0, the 5 to row 1, the 2 to the less filled row 1.
     assert batch["input_ids"].tolist() == [[31, 32, 33, 34, 35, 36, 37], [11, 12, 13, 14, 15, 21, 22]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 0, 1]]
     assert batch["labels"].tolist() == [[-100, -100, -100, 34, 35, 36, 37], [-100, -100, 13, 14, 15, -100, 22]]
@@ -41,15 +43,15 @@ def test_collate_packed_sentinels():
 def test_collate_packed_filler_and_masks():
     examples = [example([1, 2], [3, 4]), example([], [5, 6, 7], response_mask=[1, 0, 1]), example([8], [9])]
     batch = collate_packed(examples, pad_id=-8, max_length=6)
-    # lengths 4, 3, 2: the 4 opens row 0 (2 left), the 3 opens row 1, the 2 fills row 0; row 1 ends in filler.
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 8, 9], [5, 6, 7, -8, -8, -8]]
+    # lengths 4, 3, 2 in 2 rows: the 4 to row 0, the 3 to row 1, the 2 to the less filled row 1; row 0 ends in filler.
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, -8], [5, 6, 7, 8, 9]]
     # An example with no prompt: its first token is never predicted, so its label is -100 (as the shift drops it unpacked);
     # response_mask 0 gives -100 too.
-    assert batch["labels"].tolist() == [[-100, -100, 3, 4, -100, 9], [-100, -100, 7, -100, -100, -100]]
+    assert batch["labels"].tolist() == [[-100, -100, 3, 4, -100], [-100, -100, 7, -100, 9]]
     # Filler restarts its positions: it is a sequence of its own, not a continuation of the example before it.
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
-    assert batch["example_index"].tolist() == [[0, 0, 0, 0, 2, 2], [1, 1, 1, -1, -1, -1]]
-    assert tensor_tokens([4, 3, 2], packing=True, max_length=6) == 12
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert batch["example_index"].tolist() == [[0, 0, 0, 0, -1], [1, 1, 1, 2, 2]]
+    assert tensor_tokens([4, 3, 2], packing=True, max_length=6) == 10
     assert tensor_tokens([5, 1], packing=True, max_length=6) == 6
     assert tensor_tokens([5, 1], packing=False, max_length=6) == 10
 
@@ -62,7 +64,7 @@ def test_packed_losses_equal_alone(tmp_path, arch, attn, supervised_only):
     config = transformers.AutoConfig.from_pretrained(tiny_model_dir(tmp_path, arch=arch))
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
     shapes = [(5, 3), (7, 9), (2, 4), (12, 6), (3, 1), (1, 2)]
-    examples = [example(torch.randint(1, 390, (p,)).tolist(), torch.randint(1, 390, (r,)).tolist()) for p, r in shapes]
+    examples = [example(torch.randint(1, 300, (p,)).tolist(), torch.randint(1, 300, (r,)).tolist()) for p, r in shapes]
     batch = collate_packed(examples, pad_id=0, max_length=24)
     assert batch["input_ids"].shape[0] < len(examples)  # rows hold several examples
     with torch.no_grad():
