@@ -255,7 +255,7 @@ def generate_samples(config, accelerator, model, tokenizer, eval_data, eval_batc
     width = batch["input_ids"].shape[1]
     limits = {"max_new_tokens": config.max_new_tokens} if config.max_new_tokens else {"max_length": max(config.max_length, width + 1)}
     out = accelerator.unwrap_model(model).generate(
-        **batch, do_sample=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **limits,
+        **batch, do_sample=not config.sample_greedy, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **limits,
         synced_gpus=synced_generate(accelerator),  # FSDP/TP: every process runs each forward until all are done
     )
     rows = [

@@ -11,10 +11,9 @@ Use the rows and the checker directly:
     prompt = rows[0]["chosen"][: rows[0]["chosen"].rindex("\\n\\nAssistant:") + len("\\n\\nAssistant:")]
     check_answer(prompt, " 42<|endoftext|>")
 
-Every prompt is one of a few small tasks whose answer a function computes from the prompt: the number after a
-given number, repeating a short list of words, saying it backwards, counting its words, and (two turns) naming
-the n-th of three words given in the previous turn. Answers are a handful of tokens, so a ~1M-parameter model
-learns them in about two minutes on a laptop CPU.
+Every prompt is one of three single-turn tasks whose answer a function computes from the prompt: the number after
+a four-digit number, repeating three words, and saying three words backwards. Answers are a handful of tokens, so a
+~1M-parameter model learns them in under two minutes on two CPU cores.
 
 `check_answer` reads a completion (the generated text after the prompt) up to the first EOS string,
 "\\n\\nHuman:" or "\\n\\nAssistant:", strips surrounding whitespace, and requires exact equality with the answer.
@@ -34,28 +33,15 @@ VOCAB_SIZE = 512  # an upper bound: merges stop earlier because the texts use fe
 
 WORDS = ["red", "blue", "green", "gold", "cat", "dog", "fox", "owl",
          "sun", "moon", "star", "tree", "fish", "bird", "rock", "rain"]
-ORDINALS = ["first", "second", "third"]
 
 # Templates: the prompt text of each task, parsed back by `expected_answer`.
 NEXT = "What number comes after {n}?"
 REPEAT = "Repeat after me: {words}"
 REVERSE = "Say these words in reverse order: {words}"
-COUNT = "How many words are in this list: {words}?"
-RECALL_FIRST = "Here are three words: {words}. Keep them in mind."
-RECALL_ACK = "OK, I will keep them in mind."
-RECALL_ASK = "What was the {ordinal} word?"
 
 
-def _dialogue(turns: list[str]) -> str:
-    """HH text from alternating Human/Assistant turns, ending with an open Assistant turn."""
-    text = ""
-    for i, turn in enumerate(turns):
-        text += ("\n\nHuman: " if i % 2 == 0 else "\n\nAssistant: ") + turn
-    return text + "\n\nAssistant:"
-
-
-def _words(rng: random.Random, lo: int, hi: int) -> list[str]:
-    return [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
+def _prompt(question: str) -> str:
+    return f"\n\nHuman: {question}\n\nAssistant:"
 
 
 def _replace_one(rng: random.Random, words: list[str]) -> list[str]:
@@ -66,29 +52,23 @@ def _replace_one(rng: random.Random, words: list[str]) -> list[str]:
 
 
 def _make_example(rng: random.Random) -> tuple[str, str, str]:
-    """(prompt, correct answer, wrong answer) for one randomly drawn task."""
-    task = rng.randrange(5)
+    """(prompt, correct answer, wrong answer) for one randomly drawn task.
+
+    Numbers have four digits and lists three words, so every answer token sits at a fixed distance from the
+    prompt tokens it depends on: what lets a tiny model learn the tasks in about a thousand steps.
+    """
+    task = rng.randrange(3)
     if task == 0:
-        n = rng.randrange(1000)
+        n = rng.randrange(1000, 9999)
         wrong = rng.choice([n, n + 2, n + 10])
-        return _dialogue([NEXT.format(n=n)]), str(n + 1), str(wrong)
-    if task == 1:
-        words = _words(rng, 2, 5)
-        return (_dialogue([REPEAT.format(words=" ".join(words))]), " ".join(words),
-                " ".join(_replace_one(rng, words)))
-    if task == 2:
-        words = _words(rng, 2, 4)
-        while words == words[::-1]:  # a palindrome would make the unreversed list correct too
-            words = _words(rng, 2, 4)
-        return _dialogue([REVERSE.format(words=" ".join(words))]), " ".join(words[::-1]), " ".join(words)
-    if task == 3:
-        words = _words(rng, 1, 7)
-        wrong = len(words) + rng.choice([-1, 1]) if len(words) > 1 else 2
-        return _dialogue([COUNT.format(words=" ".join(words))]), str(len(words)), str(wrong)
+        return _prompt(NEXT.format(n=n)), str(n + 1), str(wrong)
     words = [rng.choice(WORDS) for _ in range(3)]
-    k = rng.randrange(3)
-    prompt = _dialogue([RECALL_FIRST.format(words=" ".join(words)), RECALL_ACK, RECALL_ASK.format(ordinal=ORDINALS[k])])
-    return prompt, words[k], rng.choice([w for w in WORDS if w != words[k]])
+    if task == 1:
+        return (_prompt(REPEAT.format(words=" ".join(words))), " ".join(words),
+                " ".join(_replace_one(rng, words)))
+    while words == words[::-1]:  # a palindrome would make the unreversed list correct too
+        words = [rng.choice(WORDS) for _ in range(3)]
+    return _prompt(REVERSE.format(words=" ".join(words))), " ".join(words[::-1]), " ".join(words)
 
 
 def make_rows(n: int, seed: int) -> list[dict]:
@@ -112,25 +92,14 @@ def make_splits(n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = SEED) 
 
 def expected_answer(prompt: str) -> str:
     """The correct answer to a demo prompt (text ending with "\\n\\nAssistant:"); ValueError if it is not one."""
-    turns = re.split(r"\n\n(?:Human|Assistant): ", prompt.removesuffix("\n\nAssistant:"))
-    if turns[0] != "" or not prompt.endswith("\n\nAssistant:"):
-        raise ValueError(f"not a demo prompt: {prompt!r}")
-    turns = turns[1:]
-    if len(turns) == 1:
-        text = turns[0]
-        if m := re.fullmatch(r"What number comes after (\d+)\?", text):
-            return str(int(m[1]) + 1)
-        if m := re.fullmatch(r"Repeat after me: ([a-z ]+)", text):
-            return m[1]
-        if m := re.fullmatch(r"Say these words in reverse order: ([a-z ]+)", text):
-            return " ".join(m[1].split()[::-1])
-        if m := re.fullmatch(r"How many words are in this list: ([a-z ]+)\?", text):
-            return str(len(m[1].split()))
-    if len(turns) == 3 and turns[1] == RECALL_ACK:
-        first = re.fullmatch(r"Here are three words: ([a-z]+) ([a-z]+) ([a-z]+)\. Keep them in mind\.", turns[0])
-        ask = re.fullmatch(r"What was the ([a-z]+) word\?", turns[2])
-        if first and ask and ask[1] in ORDINALS:
-            return first[ORDINALS.index(ask[1]) + 1]
+    question = re.fullmatch(r"\n\nHuman: (.*)\n\nAssistant:", prompt, flags=re.DOTALL)
+    text = question[1] if question else ""
+    if m := re.fullmatch(r"What number comes after (\d+)\?", text):
+        return str(int(m[1]) + 1)
+    if m := re.fullmatch(r"Repeat after me: ([a-z ]+)", text):
+        return m[1]
+    if m := re.fullmatch(r"Say these words in reverse order: ([a-z ]+)", text):
+        return " ".join(m[1].split()[::-1])
     raise ValueError(f"not a demo prompt: {prompt!r}")
 
 
@@ -221,6 +190,28 @@ def write_assets(out_dir: Path = OUT_DIR) -> None:
     _write_json(out_dir / "config.json", model_config(tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS)))
 
 
+def score_run(run_dir: str | Path) -> tuple[int, int, int]:
+    """(examples_seen, correct, total) for the samples of a demo run's last eval in {run_dir}/samples.jsonl."""
+    path = Path(run_dir) / "samples.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no samples (was the run made with sample_during_eval=true?)")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: no samples")
+    last = max(r["examples_seen"] for r in rows)
+    final = [r for r in rows if r["examples_seen"] == last]
+    return last, sum(check_answer(r["prompt"], r["sample"]) for r in final), len(final)
+
+
 if __name__ == "__main__":
-    write_assets()
-    print(f"wrote {sorted(p.name for p in OUT_DIR.iterdir())} to {OUT_DIR}")
+    import sys
+
+    if sys.argv[1:2] == ["score"] and len(sys.argv) == 3:
+        seen, correct, total = score_run(sys.argv[2])
+        print(f"{correct}/{total} held-out prompts answered correctly ({correct / total:.1%}) at {seen} examples")
+    elif len(sys.argv) == 1:
+        write_assets()
+        print(f"wrote {sorted(p.name for p in OUT_DIR.iterdir())} to {OUT_DIR}")
+    else:
+        sys.exit("usage: python -m data.demo            # regenerate recipes/demo/\n"
+                 "       python -m data.demo score RUN_DIR   # share of correct answers at the run's last eval")

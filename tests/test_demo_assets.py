@@ -72,20 +72,15 @@ def test_check_answer_accepts_chosen_and_rejects_rejected(committed):
 
 
 def test_check_answer_cut_rule():
-    prompt = "\n\nHuman: What number comes after 199?\n\nAssistant:"
-    assert expected_answer(prompt) == "200"
-    assert check_answer(prompt, " 200")
-    assert check_answer(prompt, " 200<|endoftext|><|endoftext|>")
-    assert check_answer(prompt, " 200\n\nHuman: What number comes after 3?")
-    assert not check_answer(prompt, " 2001")
-    assert not check_answer(prompt, " 200 201")
+    prompt = "\n\nHuman: What number comes after 1999?\n\nAssistant:"
+    assert expected_answer(prompt) == "2000"
+    assert check_answer(prompt, " 2000")
+    assert check_answer(prompt, " 2000<|endoftext|><|endoftext|>")
+    assert check_answer(prompt, " 2000\n\nHuman: What number comes after 3?")
+    assert not check_answer(prompt, " 20001")
+    assert not check_answer(prompt, " 2000 2001")
     assert not check_answer(prompt, "")
-    recall = ("\n\nHuman: Here are three words: owl sun rain. Keep them in mind.\n\nAssistant: OK, I will keep them in"
-              " mind.\n\nHuman: What was the second word?\n\nAssistant:")
-    assert check_answer(recall, " sun<|endoftext|>")
-    assert not check_answer(recall, " rain")
     assert expected_answer("\n\nHuman: Say these words in reverse order: cat red fox\n\nAssistant:") == "fox red cat"
-    assert expected_answer("\n\nHuman: How many words are in this list: cat red fox cat?\n\nAssistant:") == "4"
     with pytest.raises(ValueError, match="not a demo prompt"):
         expected_answer("\n\nHuman: What is the capital of France?\n\nAssistant:")
 

@@ -142,6 +142,8 @@ class Config:
     """Generate completions for some eval prompts at each eval."""
     n_eval_model_samples: int = 16
     """Number of eval prompts to generate for."""
+    sample_greedy: bool = False
+    """Decode eval samples greedily instead of sampling (the reference samples); greedy makes samples comparable across evals."""
     max_new_tokens: int | None = None
     """Cap on generated tokens when sampling; null generates up to max_length in total, as the reference."""
     minimum_log_interval_secs: float = 1.0
