@@ -137,3 +137,9 @@ def test_saved_config_loads_back_identically(tmp_path):
     config = load_config(valid(lr="2e-6", **{"datasets": "[hh,shp]", "data_files.hh": "a.jsonl"}))
     save_config(config, tmp_path / "config.yaml")
     assert load_config([str(tmp_path / "config.yaml")]) == config
+
+
+def test_packing_picks_per_example_attention_unless_set():
+    assert load_config(["packing=true"]).model.attn_implementation == "sdpa_packed"
+    assert load_config(["packing=true", "model.attn_implementation=flash_attention_2"]).model.attn_implementation == "flash_attention_2"
+    assert load_config([]).model.attn_implementation is None

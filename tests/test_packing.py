@@ -56,7 +56,7 @@ def test_collate_packed_filler_and_masks():
     assert tensor_tokens([5, 1], packing=False, max_length=6) == 10
 
 
-@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("llama", "eager"), ("llama", "sdpa_packed"), ("gpt2", "sdpa")])
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("llama", "eager"), ("llama", "sdpa_packed"), ("gpt2", "sdpa"), ("gpt2", "sdpa_packed")])
 @pytest.mark.parametrize("supervised_only", [True, False])
 def test_packed_losses_equal_alone(tmp_path, arch, attn, supervised_only):
     """Each example's loss in a packed row equals its loss computed alone: nothing leaks across the boundaries."""

@@ -167,7 +167,8 @@ class Config:
     export: bool = True
     """At the end, also write a Hugging Face model directory to {run_dir}/hf."""
     packing: bool = False
-    """Pack the micro-batch's examples into rows of max_length (position_ids restart per example); same loss, no padding."""
+    """Pack the micro-batch's examples into rows of max_length (position_ids restart per example); same loss, no padding.
+    Unless model.attn_implementation is set, it becomes `sdpa_packed` (attention computed per example inside each row)."""
     batching: str = "reference"
     """Training batch order: `reference` (the reference's order) or `length_bucketed` (batches of similar-length examples drawn
     from the same per-epoch examples, shuffled by the seed: less padding when packing is off). Either is resumable."""
@@ -241,7 +242,11 @@ def build_config(tree: dict[str, Any]) -> Config:
     if name not in MODEL_PRESETS:
         raise ConfigError(f"model: unknown model {name!r}{suggest(str(name), MODEL_PRESETS)}; choose one of {', '.join(MODEL_PRESETS)}")
     tree["model"] = {**MODEL_PRESETS[name], **model}
-    return from_dict(Config, tree, "")
+    config = from_dict(Config, tree, "")
+    if config.packing and config.model.attn_implementation is None:
+        # Packed rows need attention that stops at example boundaries without paying for the pairs across them.
+        config.model.attn_implementation = "sdpa_packed"
+    return config
 
 
 def from_dict(cls: type, tree: dict[str, Any], prefix: str) -> Any:
