@@ -39,6 +39,16 @@ def epoch_order(n: int, seed: int, epoch: int, seeds: np.ndarray | None = None) 
     return order
 
 
+def check_plan(n: int, batch_size: int, n_epochs: int | None, n_examples: int | None) -> None:
+    """Settings under which iteration would never start or never end."""
+    if n_epochs is None and n_examples is None:
+        raise ValueError("n_epochs or n_examples must be set")
+    if n == 0:
+        raise ValueError("no examples to batch")
+    if n_examples is not None and n < batch_size and n_epochs is None:
+        raise ValueError(f"only {n} example(s), fewer than one batch of {batch_size}: no batch can ever be formed")
+
+
 def plan_batches(
     n: int,
     batch_size: int,
@@ -49,12 +59,7 @@ def plan_batches(
     start_offset: int = 0,
 ) -> Iterator[BatchPlan]:
     """Batches of example indices in the reference's order, from position (start_epoch, start_offset)."""
-    if n_epochs is None and n_examples is None:
-        raise ValueError("n_epochs or n_examples must be set")
-    if n == 0:
-        raise ValueError("no examples to batch")
-    if n_examples is not None and n < batch_size and n_epochs is None:
-        raise ValueError(f"only {n} example(s), fewer than one batch of {batch_size}: no batch can ever be formed")
+    check_plan(n, batch_size, n_epochs, n_examples)
     seeds = epoch_seeds(seed)
     order = epoch_order(n, seed, start_epoch, seeds) if start_epoch > 0 else None
     epoch = start_epoch
@@ -122,12 +127,7 @@ def plan_length_bucketed(
     so (epoch, offset), offset = batch number x batch_size, is a resumable position as in plan_batches.
     """
     n = len(lengths)
-    if n_epochs is None and n_examples is None:
-        raise ValueError("n_epochs or n_examples must be set")
-    if n == 0:
-        raise ValueError("no examples to batch")
-    if n_examples is not None and n < batch_size and n_epochs is None:
-        raise ValueError(f"only {n} example(s), fewer than one batch of {batch_size}: no batch can ever be formed")
+    check_plan(n, batch_size, n_epochs, n_examples)
     if window_batches < 1:
         raise ValueError(f"window_batches must be at least 1, got {window_batches}")
     seeds = epoch_seeds(seed)
