@@ -157,8 +157,9 @@ def train(config, accelerator, model, tokenizer, optimizer, scheduler, train_dat
         if stop.after_update(accelerator):
             save(config, accelerator, model, optimizer, scheduler, state, run_dir, "LATEST")
             logger.close()
-            console.print(f"stopped at {state.examples_seen} examples; continue with: python sft_train.py "
-                          f"{run_dir}/config.yaml run_dir={run_dir} resume_from=auto", soft_wrap=True, highlight=False)
+            if accelerator.is_main_process:
+                console.print(f"stopped at {state.examples_seen} examples; continue with: python sft_train.py "
+                              f"{run_dir}/config.yaml run_dir={run_dir} resume_from=auto", soft_wrap=True, highlight=False)
             return
     if state.updates == 0 and not finished:
         raise ValueError(f"no training batch: {len(train_data)} examples, batch_size={config.batch_size}")
@@ -166,8 +167,8 @@ def train(config, accelerator, model, tokenizer, optimizer, scheduler, train_dat
         evaluate(config, accelerator, model, tokenizer, eval_data, eval_batches, state, logger)
     save(config, accelerator, model, optimizer, scheduler, state, run_dir, "LATEST")
     logger.close()
-    console.print(f"[green]done[/green]: {state.examples_seen} examples, {state.updates} updates; policy at {run_dir}/LATEST/policy.pt")
     if accelerator.is_main_process:
+        console.print(f"[green]done[/green]: {state.examples_seen} examples, {state.updates} updates; policy at {run_dir}/LATEST/policy.pt")
         finish_run(config, run_dir)  # {run_dir}/hf from LATEST/policy.pt (no second gather) and the plots
 
 

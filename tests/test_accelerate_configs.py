@@ -119,7 +119,7 @@ def test_ddp_and_cpu_configs_start_plain_data_parallel_processes():
     assert "ACCELERATE_USE_FSDP" not in env and "ACCELERATE_USE_PARALLELISM_CONFIG" not in env
     args, env = launcher_env("cpu_2proc.yaml")
     assert args.nproc_per_node == "2" and args.use_cpu is True
-    # The multi-process launcher does not forward use_cpu; that is why the header asks for ACCELERATE_USE_CPU=true.
+    # The multi-process launcher does not forward use_cpu; sft_train.py therefore builds its Accelerator in cpu mode when no GPU is visible.
     assert "ACCELERATE_USE_CPU" not in env
 
 

@@ -220,6 +220,7 @@ def test_the_script_stops_on_a_bad_combination_before_loading_anything(tiny_llam
 
 def run(command: list[str], tmp: Path, **env) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", **env}
+    env = {k: v for k, v in env.items() if v is not None}
     result = subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     (tmp / f"log-{len(list(tmp.glob('log-*')))}.txt").write_text(result.stdout + result.stderr)
     return result
@@ -231,7 +232,10 @@ def launch(tmp: Path, run_dir: Path, model_dir: Path, mode: str, *extra: str) ->
     if mode == "1proc":
         result = run(["sft_train.py", *args], tmp)
     elif mode == "ddp":
-        result = run(["-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", "sft_train.py", *args], tmp)
+        # No ACCELERATE_USE_CPU: the script itself must make the two processes one group (two solo rank-0 processes would
+        # each log every step, which assert_same_training catches).
+        result = run(["-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", "sft_train.py", *args],
+                     tmp, ACCELERATE_USE_CPU=None)
     else:
         fsdp_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
         result = run([*LAUNCH_2, str(FORCED), mode, *args], tmp, **(fsdp_env if mode == "fsdp" else {}))

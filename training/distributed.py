@@ -73,7 +73,8 @@ def fsdp_plugin(config: Config) -> FullyShardedDataParallelPlugin:
 
 def build_accelerator(config: Config) -> Accelerator:
     plugin = fsdp_plugin(config) if fsdp_requested() else None
-    return Accelerator(step_scheduler_with_optimizer=False, fsdp_plugin=plugin)
+    # Without GPUs, cpu mode makes a multi-process launch a real gloo group; otherwise each process would run alone as rank 0.
+    return Accelerator(step_scheduler_with_optimizer=False, fsdp_plugin=plugin, cpu=not torch.cuda.is_available())
 
 
 def tp_size(accelerator: Accelerator) -> int:
