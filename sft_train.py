@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> Path:
     state = TrainState()
     if resume_dir is not None:
         state = resume(resume_dir, model, optimizer, scheduler, accelerator, run_dir)
+        if scheduler.base_lrs[0] != config.lr:
+            log.warning("lr=%g is ignored: the resumed optimizer and schedule keep the checkpoint's lr=%g", config.lr, scheduler.base_lrs[0])
     else:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)

@@ -151,3 +151,12 @@ def test_keep_last_prunes_oldest_step_dirs(tmp_path):
     fake_checkpoint(tmp_path, "LATEST", 40)
     ckpt.prune(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step-24", "step-32"]
+
+
+def test_resume_warns_that_a_new_lr_is_ignored(tiny, full, tmp_path, caplog):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(full, run_dir)
+    with caplog.at_level("WARNING", logger="sft"):
+        sft_train.main(args(tiny, run_dir, resume_from=str(run_dir / "step-16"), lr=0.5))
+    assert any("lr=0.5 is ignored" in r.getMessage() for r in caplog.records)
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["examples_seen"] == 32
