@@ -28,7 +28,7 @@ import torch
 import transformers
 import yaml
 
-from modeling.load import disable_dropout, load_tokenizer, torch_dtype
+from modeling.load import disable_dropout, load_tokenizer, model_from_config
 from modeling.legacy_keys import to_transformers_429
 from training import checkpoint as ckpt
 from training.config import Config, ModelConfig, build_config
@@ -67,12 +67,7 @@ def build_model(model_config: ModelConfig, state: dict[str, torch.Tensor], devic
     On device "meta" the model takes the state's tensors without allocating its own weights (export: nothing is copied,
     but non-persistent buffers stay unallocated, so it cannot run); on a real device it is an ordinary model.
     """
-    common: dict[str, Any] = {"trust_remote_code": model_config.trust_remote_code}
-    if model_config.attn_implementation:
-        common["attn_implementation"] = model_config.attn_implementation
-    config = transformers.AutoConfig.from_pretrained(model_config.name_or_path, **common)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype(model_config.policy_dtype), **common)
+    model = model_from_config(model_config, device)
     model.load_state_dict(state, strict=True, assign=device == "meta")
     if device == "meta":
         model.tie_weights()  # assign=True replaced the tied parameters by two separate ones

@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 import transformers
 
+import modeling.packed_attention  # noqa: F401  registers model.attn_implementation=sdpa_packed for every model built here
 from training.checkpoint import load_archive
 from training.config import ModelConfig
 
@@ -38,18 +40,31 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+def model_kwargs(model_config: ModelConfig) -> dict:
+    """Arguments every transformers model construction of a run shares."""
+    kwargs = dict(trust_remote_code=model_config.trust_remote_code)
+    if model_config.attn_implementation:
+        kwargs["attn_implementation"] = model_config.attn_implementation
+    return kwargs
+
+
+def model_from_config(model_config: ModelConfig, device: str | torch.device | None = None) -> transformers.PreTrainedModel:
+    """The model's architecture from its config.json with fresh (random) weights in `policy_dtype`, built on `device`
+    ("meta": structure only, no memory)."""
+    common = model_kwargs(model_config)
+    config = transformers.AutoConfig.from_pretrained(model_config.name_or_path, **common)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype(model_config.policy_dtype), **common)
+
+
 def load_model(model_config: ModelConfig, cache_dir: str | None = None, **kwargs) -> transformers.PreTrainedModel:
     """The policy in `policy_dtype`, dropout off, `archive` loaded strictly. kwargs go to from_pretrained (e.g. device_map)."""
-    dtype = torch_dtype(model_config.policy_dtype)
-    common = dict(trust_remote_code=model_config.trust_remote_code)
-    if model_config.attn_implementation:
-        common["attn_implementation"] = model_config.attn_implementation
     if model_config.random_init:
-        config = transformers.AutoConfig.from_pretrained(model_config.name_or_path, **common)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+        model = model_from_config(model_config)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            model_config.name_or_path, cache_dir=cache_dir, dtype=dtype, **common, **kwargs
+            model_config.name_or_path, cache_dir=cache_dir, dtype=torch_dtype(model_config.policy_dtype),
+            **model_kwargs(model_config), **kwargs,
         )
     disable_dropout(model)
     if model_config.archive is not None and not receives_weights_from_rank0():

@@ -1,6 +1,6 @@
 """`sdpa_packed`: attention that costs only the pairs inside each packed example.
 
-    python sft_train.py recipes/demo.yaml packing=true model.attn_implementation=sdpa_packed
+    python sft_train.py recipes/demo.yaml packing=true      # picks model.attn_implementation=sdpa_packed
 
 With packing, plain sdpa/eager attention gets a dense block-diagonal mask: every query-key pair of a 512-token row is computed
 and most are then thrown away, and a masked sdpa call cannot use the fused causal kernel. `sdpa_packed` finds the examples of
@@ -8,7 +8,7 @@ a row from position_ids (a new example wherever a position is not the previous o
 causal sdpa on each example alone, so the work is sum(len_i^2) instead of row_length^2. Anything that is not a packed training
 forward (a padding mask, a KV cache, decoding, a model that does not hand position_ids to attention) goes to transformers' sdpa
 with its mask, unchanged. Importing this module registers the name;
-modeling/loss.py imports it, so any config can set model.attn_implementation=sdpa_packed. On GPU prefer flash_attention_2,
+modeling/load.py imports it, so every model a run builds (training, export, generate) and any config can set model.attn_implementation=sdpa_packed. On GPU prefer flash_attention_2,
 whose varlen kernel does the same from position_ids.
 """
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,9 +28,9 @@ KEYS_429 = REPO / "tests" / "fixtures" / "keys_transformers_4.29"
 METRICS = {"loss/eval": 123.456789, "logps_eval/chosen": -123.456789, "nll_per_token/eval": 2.5}
 
 
-def write_run(run_dir: Path, model_dir: Path, seed: int = 0) -> Path:
+def write_run(run_dir: Path, model_dir: Path, seed: int = 0, **extra) -> Path:
     """A run dir with config.yaml and LATEST/ holding a random-init policy (seeded) after 24 examples."""
-    config = build_config({
+    config = build_config({**extra,
         "exp_name": "export_test",
         "model": {"name_or_path": str(model_dir), "random_init": True},
         "data_files": {"hh": {"train": "recipes/demo/train.jsonl", "test": "recipes/demo/test.jsonl"}},
@@ -169,3 +171,18 @@ def test_finish_run_exports_and_survives_a_failing_plot(tmp_path, caplog):
     assert (latest.parent / "hf" / "model.safetensors").is_file()
     assert "plots for" in caplog.text and "metrics.jsonl" in caplog.text
     assert not list(latest.parent.glob("*.png"))
+
+
+def test_export_of_a_packed_run_in_a_fresh_process(tmp_path):
+    """packing=true resolves model.attn_implementation=sdpa_packed; the export and generate CLIs, started as new processes,
+    must know that name, and the export must load with plain transformers."""
+    latest = write_run(tmp_path / "run", DEMO, packing=True)
+    assert run_config(latest).model.attn_implementation == "sdpa_packed"
+    out = tmp_path / "hf"
+    result = subprocess.run([sys.executable, "-m", "modeling.export", str(latest), "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-m", "modeling.generate", str(latest), "--prompt", "hi", "--greedy",
+                             "--max-new-tokens", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    transformers.AutoModelForCausalLM.from_pretrained(out)

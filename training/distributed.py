@@ -123,12 +123,9 @@ def check_block_name(model: torch.nn.Module, block_name: str | None) -> None:
 
 def meta_model(config: Config) -> torch.nn.Module:
     """The model's structure without weights (no memory, no download beyond config.json), for early checks."""
-    import transformers
+    from modeling.load import model_from_config  # modeling imports training; import late to keep the packages acyclic
 
-    common = dict(trust_remote_code=config.model.trust_remote_code)
-    model_config = transformers.AutoConfig.from_pretrained(config.model.name_or_path, **common)
-    with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(model_config, **common)
+    return model_from_config(config.model, "meta")
 
 
 def check_setup(config: Config, accelerator: Accelerator) -> None:
