@@ -11,20 +11,17 @@ holding policy.pt, optimizer.pt and scheduler.pt ({"step_idx", "state", "metrics
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import math
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import gather_object
 
-from data.batches import collate_prompts, plan_batches, plan_train_batches
+from data.batches import collate_prompts, eval_plan, run_plan
 from data.packing import collate_batch, tensor_tokens
 from data.sft import build_split
 from data.tokenize import TokenizeSettings
@@ -32,62 +29,16 @@ from modeling.export import finish_run
 from modeling.load import load_model, load_tokenizer
 from modeling.loss import sequence_nll
 from training import checkpoint as ckpt
-from training.config import Config, default_run_dir, load_config, local_dir, normalize_data_files, save_config, validate
-from training.distributed import (build_accelerator, check_setup, data_parallel, full_model_state, full_optimizer_state,
-                                  gather_dp, load_full_state, model_load_kwargs, prepare_model, raise_open_file_limit,
-                                  synced_generate)
-from training.logger import MetricsLogger, console
+from training.config import local_dir, load_config, normalize_data_files, validate
+from training.distributed import (build_accelerator, check_setup, data_parallel, gather_dp, model_load_kwargs, prepare_model,
+                                  raise_open_file_limit, synced_generate)
+from training.logger import MetricsLogger
+from training.loop import (build_optimizer, gather_order, micro_batches, no_sync_unless_last, optimizer_step, prepare_run_dir,
+                           raise_if_not_finite, restored_signal_handlers, save, start_state, start_wandb, train)
+from training.plots import plot_run_or_warn
 from training.throughput import step_throughput
 
 log = logging.getLogger("sft")
-
-
-@dataclass
-class TrainState:
-    """Everything besides model/optimizer/scheduler that resume needs."""
-
-    examples_seen: int = 0  # examples trained on (the reference's step_idx)
-    updates: int = 0  # optimizer steps
-    epoch: int = 0  # position of the next batch in the data order
-    offset: int = 0
-    examples_counted: int = 0  # the reference's stop counter (includes dropped partial batches)
-    last_eval: int = -1  # examples_seen at the last eval, so a resumed run does not repeat it
-    eval_metrics: dict | None = None
-
-
-class StopRequested:
-    """SIGTERM/SIGINT (or max_updates_this_run) ask the loop to finish the current step, save LATEST and exit cleanly."""
-
-    def __init__(self, max_updates: int | None = None):
-        self.signal: int | None = None
-        self.max_updates, self.updates = max_updates, 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.handle)
-
-    def after_update(self, accelerator) -> bool:
-        """Stop now? All processes agree, as a signal may reach only some of them (and saving is collective)."""
-        self.updates += 1
-        stop = self.signal is not None or self.updates == self.max_updates
-        if accelerator.num_processes > 1:
-            stop = bool(accelerator.reduce(torch.tensor([int(stop)], device=accelerator.device), "sum").item())
-        return stop
-
-    def handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C means now
-            raise KeyboardInterrupt
-        self.signal = signum
-        console.print(f"[yellow]received {signal.Signals(signum).name}: finishing this step, then saving LATEST[/yellow]")
-
-
-@contextlib.contextmanager
-def restored_signal_handlers():
-    """main() may be called from Python (tests, notebooks): give SIGTERM/SIGINT back their handlers afterwards."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -113,108 +64,57 @@ def main(argv: list[str] | None = None) -> Path:
     torch.manual_seed(config.seed)  # random_init models must not depend on earlier RNG use
     model = load_model(config.model, cache_dir, **model_load_kwargs(config, accelerator))
     prepare_model(config, accelerator, model)
-    optimizer = getattr(torch.optim, config.optimizer)(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (config.warmup_steps + 1)))
+    optimizer, scheduler = build_optimizer(config, model)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand: once per optimizer step
-    state = TrainState()
-    if resume_dir is not None:
-        state = resume(resume_dir, model, optimizer, scheduler, accelerator, run_dir)
-        if scheduler.base_lrs[0] != config.lr:
-            log.warning("lr=%g is ignored: the resumed optimizer and schedule keep the checkpoint's lr=%g", config.lr, scheduler.base_lrs[0])
-    else:
-        torch.manual_seed(config.seed)
-        np.random.seed(config.seed)
-        __import__("random").seed(config.seed)
+    state = start_state(config, accelerator, model, optimizer, scheduler, resume_dir, run_dir)
 
     logger = MetricsLogger(run_dir, start_wandb(config, run_dir, accelerator), config.minimum_log_interval_secs,
                            enabled=accelerator.is_main_process)
+    plans, n_planned = run_plan(config, train_data, state.epoch, state.offset)
+    step = functools.partial(train_step, config, accelerator, model, optimizer, scheduler, train_data, tokenizer.pad_token_id,
+                             state, run_dir)
+    evaluate_now = functools.partial(evaluate, config, accelerator, model, tokenizer, eval_data, eval_plan(config, len(eval_data)),
+                                     state, logger)
     with restored_signal_handlers():
-        train(config, accelerator, model, tokenizer, optimizer, scheduler, train_data, eval_data, state, run_dir, logger)
+        finished = train(config, accelerator, model, optimizer, scheduler, plans, n_planned, state, run_dir, logger,
+                         train_step=step, evaluate=evaluate_now, script="sft_train.py")
+    if finished and accelerator.is_main_process:
+        finish_run(config, run_dir)  # {run_dir}/hf from LATEST/policy.pt (no second gather)
+        plot_run_or_warn(run_dir)
     return run_dir
 
 
-def train(config, accelerator, model, tokenizer, optimizer, scheduler, train_data, eval_data, state, run_dir, logger):
-    """Eval (every eval_every examples), save step-N, train one batch; at the end a final eval and LATEST."""
-    eval_every = max(config.eval_every - config.eval_every % config.batch_size, config.batch_size)
-    eval_batches = [p.indices for p in plan_batches(len(eval_data), config.eval_batch_size, config.seed, None, config.n_eval_examples)]
-    finished = config.n_examples is not None and state.examples_counted >= config.n_examples
-    stop = StopRequested(config.max_updates_this_run)
-    plans = [] if finished else plan_train_batches(config.batching, train_data, config.batch_size, config.seed, config.n_epochs,
-                                                   config.n_examples, state.epoch, state.offset, config.length_bucket_window)
-    n_planned = sum(1 for _ in plan_batches(len(train_data), config.batch_size, config.seed, config.n_epochs, config.n_examples))
-    logger.start_progress(n_planned * config.batch_size, state.examples_seen)
-    for plan in plans:
-        if state.examples_seen % eval_every == 0 and (state.examples_seen > 0 or config.do_first_eval) \
-                and state.last_eval != state.examples_seen:
-            evaluate(config, accelerator, model, tokenizer, eval_data, eval_batches, state, logger)
-            if state.examples_seen > 0 and not config.debug:
-                save(config, accelerator, model, optimizer, scheduler, state, run_dir, f"step-{state.examples_seen}")
-        metrics = train_step(config, accelerator, model, optimizer, scheduler, [train_data[i] for i in plan.indices],
-                             tokenizer.pad_token_id, state, run_dir)
-        state.examples_seen += config.batch_size
-        state.updates += 1
-        state.epoch, state.offset, state.examples_counted = plan.epoch, plan.offset + config.batch_size, plan.examples_counted
-        logger.log({**metrics, "counters/examples": state.examples_seen, "counters/updates": state.updates}, state.examples_seen)
-        logger.advance(state.examples_seen)
-        if stop.after_update(accelerator):
-            save(config, accelerator, model, optimizer, scheduler, state, run_dir, "LATEST")
-            logger.close()
-            if accelerator.is_main_process:
-                console.print(f"stopped at {state.examples_seen} examples; continue with: python sft_train.py "
-                              f"{run_dir}/config.yaml run_dir={run_dir} resume_from=auto", soft_wrap=True, highlight=False)
-            return
-    if state.updates == 0 and not finished:
-        raise ValueError(f"no training batch: {len(train_data)} examples, batch_size={config.batch_size}")
-    if state.last_eval != state.examples_seen:
-        evaluate(config, accelerator, model, tokenizer, eval_data, eval_batches, state, logger)
-    save(config, accelerator, model, optimizer, scheduler, state, run_dir, "LATEST")
-    logger.close()
-    if accelerator.is_main_process:
-        console.print(f"[green]done[/green]: {state.examples_seen} examples, {state.updates} updates; policy at {run_dir}/LATEST/policy.pt")
-        finish_run(config, run_dir)  # {run_dir}/hf from LATEST/policy.pt (no second gather) and the plots
-
-
-def train_step(config, accelerator, model, optimizer, scheduler, examples, pad_id, state, run_dir) -> dict:
+def train_step(config, accelerator, model, optimizer, scheduler, train_data, pad_id, state, run_dir, indices) -> dict:
     """One optimizer step over the global batch; see modeling/loss.py for why each micro-batch loss is scaled by W / D."""
-    rank, world = data_parallel(accelerator)
+    examples = [train_data[i] for i in indices]
+    world = data_parallel(accelerator)[1]
     ga = config.gradient_accumulation_steps
-    micro, local = len(examples) // ga, len(examples) // ga // world
     n_tokens = sum(e["n_supervised"] for e in examples)
     denominator = len(examples) if config.loss.normalize == "example" else n_tokens
     lr = scheduler.get_last_lr()[0]
     start = time.perf_counter()
     model.train()
     nll_sums = []
-    for m in range(ga):
-        batch = collate_batch(examples[m * micro + rank * local: m * micro + (rank + 1) * local], pad_id, config.packing,
-                              config.max_length)
+    for m, share in enumerate(micro_batches(examples, accelerator, ga)):
+        batch = collate_batch(share, pad_id, config.packing, config.max_length)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with accelerator.no_sync(model) if m < ga - 1 else contextlib.nullcontext():
+        with no_sync_unless_last(accelerator, model, m, ga):
             nll, _ = sequence_nll(model, batch, config.loss.supervised_logits_only, config.loss.logits_chunk_tokens)
             accelerator.backward(nll.sum() * world / denominator)
         nll_sums.append(nll.detach())
     nll = gather_dp(accelerator, torch.cat(nll_sums)).float()
-    if not torch.isfinite(nll).all():
-        order = [m * micro + r * local + j for r in range(world) for m in range(ga) for j in range(local)]  # gather order
-        bad = [examples[i]["example_id"] for i, ok in zip(order, torch.isfinite(nll).tolist()) if not ok]
-        last = ckpt.last_good_checkpoint(run_dir)
-        raise FloatingPointError(
-            f"non-finite loss at update {state.updates + 1} ({state.examples_seen} examples seen) in examples {bad} of the batch "
-            f"{[e['example_id'] for e in examples]}; last good checkpoint: {last or 'none'}"
-        )
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    raise_if_not_finite(nll, [e["example_id"] for e in examples], gather_order(len(examples), accelerator, ga), state, run_dir)
+    grad_norm = optimizer_step(config, accelerator, model, optimizer, scheduler)
     elapsed = time.perf_counter() - start
     loss = nll.mean().item()
+    local = len(examples) // ga // world
     positions = sum(tensor_tokens([len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples[s:s + local]],
                                   config.packing, config.max_length) for s in range(0, len(examples), local))
     return {
         "loss/train": loss if config.loss.normalize == "example" else nll.sum().item() / n_tokens,
         "logps_train/chosen": -loss,
         "nll_per_token/train": nll.sum().item() / n_tokens,
-        "grad_norm": float(grad_norm),
+        "grad_norm": grad_norm,
         "lr": lr,
         **step_throughput(examples, positions, elapsed, model, accelerator.device, world),
     }
@@ -240,8 +140,6 @@ def evaluate(config, accelerator, model, tokenizer, eval_data, eval_batches, sta
         "logps_eval/chosen": -nll.mean().item(),
         "nll_per_token/eval": (nll.sum() / ntok.sum()).item(),
     }
-    state.last_eval, state.eval_metrics = state.examples_seen, metrics
-    logger.log(metrics, state.examples_seen, force=True)
     if config.sample_during_eval and config.n_eval_model_samples > 0:
         logger.samples(generate_samples(config, accelerator, model, tokenizer, eval_data, eval_batches), state.examples_seen)
     return metrics
@@ -268,63 +166,6 @@ def generate_samples(config, accelerator, model, tokenizer, eval_data, eval_batc
     ]
     rows = gather_object(rows if rank * share < len(indices) else [])
     return rows[: len(indices)]
-
-
-def save(config, accelerator, model, optimizer, scheduler, state, run_dir, name) -> None:
-    """Gather full states (every process takes part), then the main process writes the checkpoint atomically."""
-    policy_state = full_model_state(accelerator, model)  # collective under FSDP/TP
-    optimizer_state = full_optimizer_state(accelerator, model, optimizer)
-    rng = gather_object([ckpt.rng_state()])  # one per process: ranks sample different prompts, so their generators differ
-    if accelerator.is_main_process:
-        policy_state = {k: v.detach().cpu() for k, v in policy_state.items()}
-        train_state = {**asdict(state), "rng": rng, "logs": ckpt.log_sizes(run_dir)}
-        ckpt.write_checkpoint(run_dir, name, state.examples_seen, policy_state, optimizer_state, scheduler.state_dict(),
-                              ckpt.plain(train_state), state.eval_metrics or {})
-        if name.startswith("step-"):
-            ckpt.prune(run_dir, config.keep_last)
-    accelerator.wait_for_everyone()
-
-
-def resume(path: Path, model, optimizer, scheduler, accelerator, run_dir: Path) -> TrainState:
-    """Model, optimizer, scheduler, counters, data position and RNG of a checkpoint; in its own run_dir the logs are cut back
-    to the checkpoint (see training/checkpoint.py), so the steps trained again are not logged twice."""
-    load_full_state(accelerator, model, optimizer, path / "policy.pt", path / "optimizer.pt")
-    scheduler.load_state_dict(ckpt.load_archive(path / "scheduler.pt")["state"])
-    saved = ckpt.load_train_state(path / "train_state.pt")
-    ckpt.set_rng_state(saved.pop("rng"), accelerator.process_index)
-    logs = saved.pop("logs", {})
-    if accelerator.is_main_process and path.resolve().parent == Path(run_dir).resolve():
-        ckpt.rewind_logs(run_dir, logs)
-    state = TrainState(**saved)
-    console.print(f"resumed from {path}: {state.examples_seen} examples seen, epoch {state.epoch}, offset {state.offset}")
-    return state
-
-
-def prepare_run_dir(config: Config, accelerator, resume_dir: Path | None) -> Path:
-    """Same directory on every process (the main one picks it); config.yaml written there before training."""
-    if config.run_dir is not None:
-        run_dir = Path(config.run_dir)
-    elif resume_dir is not None:
-        run_dir = resume_dir.parent
-    else:
-        run_dir = default_run_dir(config)
-    run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else run_dir
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.recover(run_dir)
-        save_config(config, run_dir / "config.yaml")
-        console.print(f"run dir: {run_dir}")
-    accelerator.wait_for_everyone()
-    return run_dir
-
-
-def start_wandb(config: Config, run_dir: Path, accelerator):
-    if not (config.wandb.enabled and not config.debug and accelerator.is_main_process):
-        return None
-    import wandb
-
-    return wandb.init(entity=config.wandb.entity, project=config.wandb.project, name=config.exp_name,
-                      config=asdict(config), dir=str(run_dir))
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def load_split(config: Config, split: str):
     """(tokenizer, settings, tokenized split) as training builds them; weights apply to the train split only."""
-    from modeling.load import load_tokenizer  # imported here: export needs no tokenizer (and no torch model code)
+    from training.tokenizer import load_tokenizer  # imported here: export needs no tokenizer
 
     if not (config.model.tokenizer_name_or_path or config.model.name_or_path):
         raise SystemExit("no tokenizer: give --tokenizer PATH or model.name_or_path=PATH")

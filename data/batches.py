@@ -168,3 +168,16 @@ def plan_train_batches(batching: str, dataset, batch_size: int, seed: int, n_epo
         lengths = [len(p) + len(r) for p, r in zip(dataset["prompt_ids"], dataset["response_ids"])]
         return plan_length_bucketed(lengths, batch_size, seed, n_epochs, n_examples, start_epoch, start_offset, window_batches)
     raise ValueError(f"batching: unknown batching {batching!r}; use reference or length_bucketed")
+
+
+def run_plan(config, dataset, epoch: int = 0, offset: int = 0) -> tuple[Iterator[BatchPlan], int]:
+    """The run's remaining training batches from (epoch, offset), and the number of batches of the whole run."""
+    plans = plan_train_batches(config.batching, dataset, config.batch_size, config.seed, config.n_epochs, config.n_examples,
+                               epoch, offset, config.length_bucket_window)
+    n_planned = sum(1 for _ in plan_batches(len(dataset), config.batch_size, config.seed, config.n_epochs, config.n_examples))
+    return plans, n_planned
+
+
+def eval_plan(config, n: int) -> list[list[int]]:
+    """The fixed eval set's batches: the first n_eval_examples of the seeded order, in eval_batch_size batches."""
+    return [p.indices for p in plan_batches(n, config.eval_batch_size, config.seed, None, config.n_eval_examples)]

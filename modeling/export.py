@@ -8,7 +8,7 @@ The HF directory loads with `AutoModelForCausalLM.from_pretrained(DIR)` and `Aut
 safetensors shards, config.json (use_cache on), generation_config.json whose EOS and pad are the ones training used, the
 tokenizer, the run's resolved `config.yaml` and a README.md model card. Everything is rebuilt from the checkpoint's
 `policy.pt` and the run's `config.yaml` (the checkpoint's parent directory); the weights are never gathered again.
-At the end of training, `finish_run` (main process) exports LATEST to `{run_dir}/hf` and draws the plots.
+At the end of training, `finish_run` (main process) exports LATEST to `{run_dir}/hf`; the training script then draws the plots.
 """
 
 from __future__ import annotations
@@ -232,25 +232,20 @@ def library_version(name: str) -> str:
 
 
 def finish_run(config: Config, run_dir: Path) -> None:
-    """Main process, after LATEST is saved: export it to {run_dir}/hf (if config.export) and draw the plots.
+    """Main process, after LATEST is saved: export it to {run_dir}/hf (if config.export).
 
-    The export reads LATEST/policy.pt, the state already gathered once for the checkpoint. A plot that fails only warns;
-    a failed export raises (LATEST is complete either way and can be exported again with `python -m modeling.export`).
+    The export reads LATEST/policy.pt, the state already gathered once for the checkpoint. A failed export raises (LATEST
+    is complete either way and can be exported again with `python -m modeling.export`).
     """
-    if config.export:
-        launched = Path(sys.argv[0]).name == "sft_train.py"
-        try:
-            export_hf(run_dir / "LATEST", run_dir / "hf", command=shlex.join(sys.argv) if launched else None)
-        except Exception:
-            log.error("the HF export failed; %s/LATEST is complete. Retry with: python -m modeling.export %s/LATEST --out %s/hf",
-                      run_dir, run_dir, run_dir)
-            raise
+    if not config.export:
+        return
+    launched = Path(sys.argv[0]).name in ("sft_train.py", "dpo_train.py")
     try:
-        from training.plots import plot_run
-
-        plot_run(run_dir)
-    except Exception as e:  # a plot is never worth failing a finished run
-        log.warning("plots for %s failed: %s: %s", run_dir, type(e).__name__, e)
+        export_hf(run_dir / "LATEST", run_dir / "hf", command=shlex.join(sys.argv) if launched else None)
+    except Exception:
+        log.error("the HF export failed; %s/LATEST is complete. Retry with: python -m modeling.export %s/LATEST --out %s/hf",
+                  run_dir, run_dir, run_dir)
+        raise
 
 
 def main(argv: list[str] | None = None) -> Path:

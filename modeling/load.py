@@ -15,23 +15,13 @@ import transformers
 import modeling.packed_attention  # noqa: F401  registers model.attn_implementation=sdpa_packed for every model built here
 from training.checkpoint import load_archive
 from training.config import ModelConfig
+from training.tokenizer import load_tokenizer  # noqa: F401  (where callers of modeling.load expect it)
 
 log = logging.getLogger(__name__)
 
 
 def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
-
-
-def load_tokenizer(model_config: ModelConfig):
-    name = model_config.tokenizer_name_or_path or model_config.name_or_path
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=model_config.trust_remote_code)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {name!r} has no EOS token; SFT appends EOS to every response")
-    if tokenizer.pad_token_id is None:
-        # Safe here: labels are built from unpadded sequences, so padding never masks the supervised EOS.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

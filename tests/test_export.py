@@ -18,6 +18,7 @@ import torch
 import transformers
 
 from modeling.export import export_hf, finish_run, main, run_config
+from training.plots import plot_run_or_warn
 from modeling.load import load_model
 from training import checkpoint as ckpt
 from training.config import build_config, save_config
@@ -162,13 +163,14 @@ def test_run_dir_instead_of_checkpoint_names_the_checkpoints(tmp_path):
         export_hf(tmp_path / "elsewhere", tmp_path / "hf")
 
 
-def test_finish_run_exports_and_survives_a_failing_plot(tmp_path, caplog):
+def test_finish_run_exports_and_a_failing_plot_only_warns(tmp_path, caplog):
     latest = write_run(tmp_path / "run", DEMO)
     (latest.parent / "metrics.jsonl").write_text('{"examples_seen": 0, "loss/train": 1.0}\n{broken\n')
     config = run_config(latest)
     assert config.export  # the default
     finish_run(config, latest.parent)
     assert (latest.parent / "hf" / "model.safetensors").is_file()
+    assert plot_run_or_warn(latest.parent) == []
     assert "plots for" in caplog.text and "metrics.jsonl" in caplog.text
     assert not list(latest.parent.glob("*.png"))
 

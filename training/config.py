@@ -334,6 +334,7 @@ def save_config(config: Config, path: str | Path) -> None:
 
 
 DATASET_SPLITS = ("train", "test")
+DATASET_NAMES = ("hh", "shp", "se", "jsonl")  # the loaders of data/records.py, one per name
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -362,8 +363,6 @@ def normalize_data_files(data_files: dict[str, Any], datasets: list[str], warn: 
 
 def validate(config: Config, num_processes: int = 1) -> None:
     """Cross-field checks, run before any model or data is loaded."""
-    from data.records import LOADERS  # the dataset names live with their loaders
-
     if not config.exp_name:
         raise ConfigError("exp_name is required (e.g. exp_name=my_run)")
     m = config.model
@@ -391,8 +390,8 @@ def validate(config: Config, num_processes: int = 1) -> None:
     if not config.datasets:
         raise ConfigError("datasets: give at least one dataset")
     for name in config.datasets:
-        if name not in LOADERS:
-            raise ConfigError(f"datasets: unknown dataset {name!r}{suggest(name, LOADERS)}; choose from {', '.join(LOADERS)}")
+        if name not in DATASET_NAMES:
+            raise ConfigError(f"datasets: unknown dataset {name!r}{suggest(name, DATASET_NAMES)}; choose from {', '.join(DATASET_NAMES)}")
     for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length", "n_eval_examples"):
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(config, key)}")

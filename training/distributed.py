@@ -122,10 +122,15 @@ def check_block_name(model: torch.nn.Module, block_name: str | None) -> None:
 
 
 def meta_model(config: Config) -> torch.nn.Module:
-    """The model's structure without weights (no memory, no download beyond config.json), for early checks."""
-    from modeling.load import model_from_config  # modeling imports training; import late to keep the packages acyclic
+    """The model's structure without weights (no memory, no download beyond config.json), for early checks. The attention
+    kernel does not change the module tree, so transformers' default is used (a custom one may not be registered yet)."""
+    import transformers
 
-    return model_from_config(config.model, "meta")
+    m = config.model
+    auto_config = transformers.AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(auto_config, dtype=getattr(torch, m.policy_dtype),
+                                                             trust_remote_code=m.trust_remote_code)
 
 
 def check_setup(config: Config, accelerator: Accelerator) -> None:

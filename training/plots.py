@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -120,6 +121,15 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.savefig(path, dpi=120)
         written.append(path)
     return written
+
+
+def plot_run_or_warn(run_dir: str | Path) -> list[Path]:
+    """plot_run at the end of training: a plot is never worth failing a finished run, so a failure only warns."""
+    try:
+        return plot_run(run_dir)
+    except Exception as e:
+        logging.getLogger(__name__).warning("plots for %s failed: %s: %s", run_dir, type(e).__name__, e)
+        return []
 
 
 def main(argv: list[str] | None = None) -> None:

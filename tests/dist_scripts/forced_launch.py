@@ -20,6 +20,7 @@ from accelerate.parallelism_config import ParallelismConfig  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 
 import sft_train  # noqa: E402
+import training.loop  # noqa: E402
 from training import distributed  # noqa: E402
 
 MODE = sys.argv[1]
@@ -59,6 +60,6 @@ def record_wrapping(save):
 
 
 sft_train.build_accelerator = forced_accelerator
-sft_train.save = record_wrapping(sft_train.save)
+training.loop.save = record_wrapping(training.loop.save)  # the loop's checkpoint writer
 torch.set_num_threads(1)
 sft_train.main(sys.argv[2:])

@@ -1,0 +1,269 @@
+"""The training loop and run bookkeeping that sft_train.py and dpo_train.py share.
+
+    optimizer, scheduler = build_optimizer(config, model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = start_state(config, accelerator, model, optimizer, scheduler, resume_dir, run_dir)   # fresh or resumed
+    with restored_signal_handlers():
+        finished = train(config, accelerator, model, optimizer, scheduler, plans, n_planned, state, run_dir, logger,
+                         train_step=..., evaluate=...)
+
+A script supplies only what its objective changes: `train_step(examples) -> metrics` (one optimizer step over the global
+batch, built from `micro_batches` and `optimizer_step`) and `evaluate() -> metrics`. Everything else (eval cadence,
+step-N and LATEST checkpoints, resume, SIGTERM/SIGINT, the run directory, wandb) is the same for both stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from accelerate.utils import broadcast_object_list, gather_object
+
+from training import checkpoint as ckpt
+from training.config import Config, default_run_dir, save_config
+from training.distributed import data_parallel, full_model_state, full_optimizer_state, load_full_state
+from training.logger import console
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer/scheduler that resume needs."""
+
+    examples_seen: int = 0  # examples trained on (the reference's step_idx)
+    updates: int = 0  # optimizer steps
+    epoch: int = 0  # position of the next batch in the data order
+    offset: int = 0
+    examples_counted: int = 0  # the reference's stop counter (includes dropped partial batches)
+    last_eval: int = -1  # examples_seen at the last eval, so a resumed run does not repeat it
+    eval_metrics: dict | None = None
+
+
+class StopRequested:
+    """SIGTERM/SIGINT (or max_updates_this_run) ask the loop to finish the current step, save LATEST and exit cleanly."""
+
+    def __init__(self, max_updates: int | None = None):
+        self.signal: int | None = None
+        self.max_updates, self.updates = max_updates, 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def after_update(self, accelerator) -> bool:
+        """Stop now? All processes agree, as a signal may reach only some of them (and saving is collective)."""
+        self.updates += 1
+        stop = self.signal is not None or self.updates == self.max_updates
+        if accelerator.num_processes > 1:
+            stop = bool(accelerator.reduce(torch.tensor([int(stop)], device=accelerator.device), "sum").item())
+        return stop
+
+    def handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C means now
+            raise KeyboardInterrupt
+        self.signal = signum
+        console.print(f"[yellow]received {signal.Signals(signum).name}: finishing this step, then saving LATEST[/yellow]")
+
+
+@contextlib.contextmanager
+def restored_signal_handlers():
+    """main() may be called from Python (tests, notebooks): give SIGTERM/SIGINT back their handlers afterwards."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def build_optimizer(config: Config, model: torch.nn.Module):
+    """`config.optimizer` over the model's parameters and the warmup schedule (stepped by hand, once per optimizer step)."""
+    optimizer = getattr(torch.optim, config.optimizer)(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (config.warmup_steps + 1)))
+    return optimizer, scheduler
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(int(seed))
+
+
+def start_state(config: Config, accelerator, model, optimizer, scheduler, resume_dir: Path | None, run_dir: Path) -> TrainState:
+    """A fresh state (RNGs seeded) or the one of `resume_dir` (model, optimizer, scheduler, counters and RNGs restored)."""
+    if resume_dir is None:
+        seed_everything(config.seed)
+        return TrainState()
+    state = resume(resume_dir, model, optimizer, scheduler, accelerator, run_dir)
+    if scheduler.base_lrs[0] != config.lr:
+        log.warning("lr=%g is ignored: the resumed optimizer and schedule keep the checkpoint's lr=%g", config.lr, scheduler.base_lrs[0])
+    return state
+
+
+def eval_interval(config: Config) -> int:
+    """eval_every rounded down to whole batches (at least one)."""
+    return max(config.eval_every - config.eval_every % config.batch_size, config.batch_size)
+
+
+def should_eval(config: Config, state: TrainState, interval: int) -> bool:
+    """At each multiple of the interval (step 0 only with do_first_eval), never twice at the same point (resume)."""
+    return state.examples_seen % interval == 0 and (state.examples_seen > 0 or config.do_first_eval) \
+        and state.last_eval != state.examples_seen
+
+
+def train(config: Config, accelerator, model, optimizer, scheduler, plans: Iterable, n_planned: int, state: TrainState,
+          run_dir: Path, logger, *, train_step: Callable[[list[int]], dict], evaluate: Callable[[], dict],
+          script: str = "sft_train.py") -> bool:
+    """Eval (every eval_every examples), save step-N, train one batch; at the end a final eval and LATEST.
+
+    `plans` are the remaining training batches (data/batches.py BatchPlan: epoch, offset, indices, examples_counted), of
+    `n_planned` in the whole run. Returns False when a stop request ended the run early (LATEST saved), True when it finished.
+    """
+    interval = eval_interval(config)
+    finished = config.n_examples is not None and state.examples_counted >= config.n_examples
+    stop = StopRequested(config.max_updates_this_run)
+    logger.start_progress(n_planned * config.batch_size, state.examples_seen)
+    for plan in [] if finished else plans:
+        if should_eval(config, state, interval):
+            run_eval(evaluate, state, logger)
+            if state.examples_seen > 0 and not config.debug:
+                save(config, accelerator, model, optimizer, scheduler, state, run_dir, f"step-{state.examples_seen}")
+        metrics = train_step(plan.indices)
+        state.examples_seen += config.batch_size
+        state.updates += 1
+        state.epoch, state.offset, state.examples_counted = plan.epoch, plan.offset + config.batch_size, plan.examples_counted
+        logger.log({**metrics, "counters/examples": state.examples_seen, "counters/updates": state.updates}, state.examples_seen)
+        logger.advance(state.examples_seen)
+        if stop.after_update(accelerator):
+            save(config, accelerator, model, optimizer, scheduler, state, run_dir, "LATEST")
+            logger.close()
+            if accelerator.is_main_process:
+                console.print(f"stopped at {state.examples_seen} examples; continue with: python {script} "
+                              f"{run_dir}/config.yaml run_dir={run_dir} resume_from=auto", soft_wrap=True, highlight=False)
+            return False
+    if state.updates == 0 and not finished:
+        raise ValueError(f"no training batch: batch_size={config.batch_size} is more than the training examples")
+    if state.last_eval != state.examples_seen:
+        run_eval(evaluate, state, logger)
+    save(config, accelerator, model, optimizer, scheduler, state, run_dir, "LATEST")
+    logger.close()
+    if accelerator.is_main_process:
+        console.print(f"[green]done[/green]: {state.examples_seen} examples, {state.updates} updates; policy at {run_dir}/LATEST/policy.pt")
+    return True
+
+
+def run_eval(evaluate: Callable[[], dict], state: TrainState, logger) -> dict:
+    metrics = evaluate()
+    state.last_eval, state.eval_metrics = state.examples_seen, metrics
+    logger.log(metrics, state.examples_seen, force=True)
+    return metrics
+
+
+def micro_batches(examples: list, accelerator, gradient_accumulation_steps: int) -> list[list]:
+    """This process's share of each micro-batch of a global batch: micro-batch m, process r holds examples
+    [m * M + r * L, m * M + (r + 1) * L) with M = len / GA and L = M / processes."""
+    rank, world = data_parallel(accelerator)
+    micro = len(examples) // gradient_accumulation_steps
+    local = micro // world
+    return [examples[m * micro + rank * local: m * micro + (rank + 1) * local] for m in range(gradient_accumulation_steps)]
+
+
+def gather_order(n: int, accelerator, gradient_accumulation_steps: int) -> list[int]:
+    """Global-batch index of each row of per-process results concatenated over micro-batches, then gathered over processes."""
+    world = data_parallel(accelerator)[1]
+    micro = n // gradient_accumulation_steps
+    local = micro // world
+    return [m * micro + r * local + j for r in range(world) for m in range(gradient_accumulation_steps) for j in range(local)]
+
+
+def no_sync_unless_last(accelerator, model, m: int, gradient_accumulation_steps: int):
+    """Gradient synchronisation only on the step's last micro-batch."""
+    return accelerator.no_sync(model) if m < gradient_accumulation_steps - 1 else contextlib.nullcontext()
+
+
+def raise_if_not_finite(values: torch.Tensor, batch_ids: list, order: list[int], state: TrainState, run_dir: Path,
+                        what: str = "loss") -> None:
+    """Stop with the culprit examples and the last good checkpoint when a value is NaN or inf. values[k] belongs to the
+    batch's example order[k] (see gather_order); batch_ids are the batch's example ids."""
+    finite = torch.isfinite(values)
+    if finite.all():
+        return
+    bad = [batch_ids[i] for i, ok in zip(order, finite.tolist()) if not ok]
+    last = ckpt.last_good_checkpoint(run_dir)
+    raise FloatingPointError(
+        f"non-finite {what} at update {state.updates + 1} ({state.examples_seen} examples seen) in examples {bad} of the batch "
+        f"{batch_ids}; last good checkpoint: {last or 'none'}"
+    )
+
+
+def optimizer_step(config: Config, accelerator, model, optimizer, scheduler) -> float:
+    """Clip (returning the norm before clipping), step the optimizer and the schedule, clear the gradients."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def save(config, accelerator, model, optimizer, scheduler, state, run_dir, name) -> None:
+    """Gather full states (every process takes part), then the main process writes the checkpoint atomically."""
+    policy_state = full_model_state(accelerator, model)  # collective under FSDP/TP
+    optimizer_state = full_optimizer_state(accelerator, model, optimizer)
+    rng = gather_object([ckpt.rng_state()])  # one per process: ranks sample different prompts, so their generators differ
+    if accelerator.is_main_process:
+        policy_state = {k: v.detach().cpu() for k, v in policy_state.items()}
+        train_state = {**asdict(state), "rng": rng, "logs": ckpt.log_sizes(run_dir)}
+        ckpt.write_checkpoint(run_dir, name, state.examples_seen, policy_state, optimizer_state, scheduler.state_dict(),
+                              ckpt.plain(train_state), state.eval_metrics or {})
+        if name.startswith("step-"):
+            ckpt.prune(run_dir, config.keep_last)
+    accelerator.wait_for_everyone()
+
+
+def resume(path: Path, model, optimizer, scheduler, accelerator, run_dir: Path) -> TrainState:
+    """Model, optimizer, scheduler, counters, data position and RNG of a checkpoint; in its own run_dir the logs are cut back
+    to the checkpoint (see training/checkpoint.py), so the steps trained again are not logged twice."""
+    load_full_state(accelerator, model, optimizer, path / "policy.pt", path / "optimizer.pt")
+    scheduler.load_state_dict(ckpt.load_archive(path / "scheduler.pt")["state"])
+    saved = ckpt.load_train_state(path / "train_state.pt")
+    ckpt.set_rng_state(saved.pop("rng"), accelerator.process_index)
+    logs = saved.pop("logs", {})
+    if accelerator.is_main_process and path.resolve().parent == Path(run_dir).resolve():
+        ckpt.rewind_logs(run_dir, logs)
+    state = TrainState(**saved)
+    console.print(f"resumed from {path}: {state.examples_seen} examples seen, epoch {state.epoch}, offset {state.offset}")
+    return state
+
+
+def prepare_run_dir(config: Config, accelerator, resume_dir: Path | None) -> Path:
+    """Same directory on every process (the main one picks it); config.yaml written there before training."""
+    if config.run_dir is not None:
+        run_dir = Path(config.run_dir)
+    elif resume_dir is not None:
+        run_dir = resume_dir.parent
+    else:
+        run_dir = default_run_dir(config)
+    run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else run_dir
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.recover(run_dir)
+        save_config(config, run_dir / "config.yaml")
+        console.print(f"run dir: {run_dir}")
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def start_wandb(config: Config, run_dir: Path, accelerator):
+    if not (config.wandb.enabled and not config.debug and accelerator.is_main_process):
+        return None
+    import wandb
+
+    return wandb.init(entity=config.wandb.entity, project=config.wandb.project, name=config.exp_name,
+                      config=asdict(config), dir=str(run_dir))
