@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import gather_object
 
 from data.batches import collate_prompts, eval_plan, run_plan
-from data.packing import collate_batch, tensor_tokens
+from data.packing import collate_batch, tensor_tokens, to_device
 from data.sft import build_split
 from data.tokenize import TokenizeSettings
 from modeling.export import finish_run
@@ -96,8 +96,8 @@ def train_step(config, accelerator, model, optimizer, scheduler, train_data, pad
     model.train()
     nll_sums = []
     for m, share in enumerate(micro_batches(examples, accelerator, ga)):
-        batch = collate_batch(share, pad_id, config.packing, config.max_length)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = to_device(collate_batch(share, pad_id, config.packing, config.max_length, config.model.attn_implementation),
+                          accelerator.device)
         with no_sync_unless_last(accelerator, model, m, ga):
             nll, _ = sequence_nll(model, batch, config.loss.supervised_logits_only, config.loss.logits_chunk_tokens)
             accelerator.backward(nll.sum() * world / denominator)
@@ -109,7 +109,8 @@ def train_step(config, accelerator, model, optimizer, scheduler, train_data, pad
     loss = nll.mean().item()
     local = len(examples) // ga // world
     positions = sum(tensor_tokens([len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples[s:s + local]],
-                                  config.packing, config.max_length) for s in range(0, len(examples), local))
+                                  config.packing, config.max_length, config.model.attn_implementation)
+                    for s in range(0, len(examples), local))
     return {
         "loss/train": loss if config.loss.normalize == "example" else nll.sum().item() / n_tokens,
         "logps_train/chosen": -loss,
@@ -129,9 +130,9 @@ def evaluate(config, accelerator, model, tokenizer, eval_data, eval_batches, sta
     for indices in eval_batches:
         local = len(indices) // world
         batch = collate_batch([eval_data[i] for i in indices[rank * local:(rank + 1) * local]], tokenizer.pad_token_id,
-                              config.packing, config.max_length)
-        nll, ntok = sequence_nll(model, {k: v.to(accelerator.device) for k, v in batch.items()},
-                                 config.loss.supervised_logits_only, config.loss.logits_chunk_tokens)
+                              config.packing, config.max_length, config.model.attn_implementation)
+        nll, ntok = sequence_nll(model, to_device(batch, accelerator.device), config.loss.supervised_logits_only,
+                                 config.loss.logits_chunk_tokens)
         nll_all.append(gather_dp(accelerator, nll.float()))
         tok_all.append(gather_dp(accelerator, ntok))
     nll, ntok = torch.cat(nll_all), torch.cat(tok_all)

@@ -210,7 +210,6 @@ def attention_table(args: argparse.Namespace) -> None:
     from data.sft import build_split
     from data.tokenize import TokenizeSettings
     from modeling.load import load_tokenizer
-    from modeling.packed_attention import example_spans
     from training.config import load_config
 
     config = load_config(["exp_name=throughput", f"model.name_or_path={args.tokenizer}"])
@@ -227,7 +226,7 @@ def attention_table(args: argparse.Namespace) -> None:
         owner = packed["example_index"]
         block_mask = (owner[:, None, :, None] == owner[:, None, None, :]) & torch.ones(owner.shape[1], owner.shape[1],
                                                                                         dtype=torch.bool).tril()
-        spans = example_spans(packed["position_ids"])
+        spans = packed["packed_spans"]
 
         def per_example(q, k, v):
             return torch.cat([torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],

@@ -1,15 +1,25 @@
-"""Padding-free packing: a micro-batch's examples concatenated into rows of at most max_length tokens.
+"""Padding-free packing: a micro-batch's examples concatenated, with each example's attention and loss kept to itself.
 
-    batch = collate_packed(examples, pad_id, max_length=512)
-    nll, counts = sequence_nll(model, batch)          # per example, in the order of `examples`
+    batch = collate_batch(examples, pad_id, packing=True, max_length=512, attention="sdpa_packed")
+    nll, counts = sequence_nll(model, to_device(batch, device))   # per example, in the order of `examples`
 
-Each example is placed whole (never split); rows are as few and as evenly filled as pack_rows finds. Its position_ids restart
-at 0, so the model's attention treats the row as separate sequences: transformers derives the block-diagonal causal mask from
-position_ids when no attention_mask and no cache are passed (sdpa/eager/flex on CPU, flash-attention varlen on GPU). The first
-token of each example gets label -100: unpacked, nothing predicts it either, so the loss of every example is the same sum it
-would be alone. `example_index` maps each position to its example (-1 on the filler that ends a short row), which lets the
-loss return per-example sums in the original order. Packing only regroups the micro-batch it is given, so an optimizer step
-holds exactly the examples it holds unpacked.
+Each example is placed whole (never split); position_ids restart at 0 per example. The first token of each example gets
+label -100: unpacked, nothing predicts it either, so the loss of every example is the same sum it would be alone.
+`example_index` maps each position to its example (-1 on filler), which lets the loss return per-example sums in the
+original order. Packing only regroups the micro-batch it is given, so an optimizer step holds exactly the examples it holds
+unpacked. Every key but `labels` and `example_index` is a model input. What else a packed batch carries depends on the
+attention kernel (`packed_layout`), because transformers detects packing differently per kernel:
+
+- "rows" (sdpa_packed, sdpa, eager): rows of at most max_length tokens, as few and as evenly filled as pack_rows finds,
+  filler (pad id, label -100, its own positions) at the end of short rows; shape (rows, width). sdpa and eager build a
+  block-diagonal mask from position_ids. `packed_spans` (a tuple per row of (start, end) pairs, filler included) is
+  computed here once, so `sdpa_packed` splits rows without reading position_ids back from the device in every layer.
+- "flat" (flash attention kernels): ONE row of all the micro-batch's examples, no filler, shape (1, total), plus
+  `cu_seq_lens_q`/`cu_seq_lens_k` (int32 offsets [0, len_0, len_0 + len_1, ...]) and `max_length_q`/`max_length_k`
+  (Python ints), the kwargs transformers' flash path hands to the varlen kernel. transformers only infers packing from
+  position_ids when the batch has one row; several packed rows would run as plain causal attention across examples.
+
+Other kernels (flex_attention, paged kernels, ...) are refused with packing (`check_packing_attention`).
 """
 
 from __future__ import annotations
@@ -19,6 +29,26 @@ import heapq
 import torch
 
 from data.batches import collate
+
+ROW_KERNELS = ("sdpa_packed", "sdpa", "eager")  # kernels verified on CPU to keep packed rows apart (tests/test_packing.py)
+
+
+def is_flash(attention: str | None) -> bool:
+    """transformers' flash-attention kernels: flash_attention_2/3, hub kernels such as kernels-community/flash-attn."""
+    return attention is not None and "flash" in attention
+
+
+def packed_layout(attention: str | None) -> str:
+    """`flat` (one row + cu_seq_lens) for flash kernels, `rows` for kernels that separate examples within rows."""
+    return "flat" if is_flash(attention) else "rows"
+
+
+def check_packing_attention(attention: str | None) -> str | None:
+    """Why packing cannot run with this attention kernel (None when it can)."""
+    if attention is None or attention in ROW_KERNELS or is_flash(attention):
+        return None
+    return (f"packing=true with model.attn_implementation={attention}: that kernel is not known to keep packed examples "
+            f"apart; use one of {', '.join(ROW_KERNELS)} or a flash-attention kernel (flash_attention_2), or packing=false")
 
 
 def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
@@ -48,28 +78,46 @@ def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
     return [[i] for i in range(len(lengths))]
 
 
-def collate_packed(examples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
-    """Packed rows: input_ids, position_ids, labels, example_index; as wide as the longest row (filler: pad id, label -100)."""
+def collate_packed(examples: list[dict], pad_id: int, max_length: int, attention: str | None = "sdpa_packed") -> dict:
+    """The packed micro-batch in the layout `attention` needs (see the module docstring for both contracts)."""
     seqs = [e["prompt_ids"] + e["response_ids"] for e in examples]
-    rows = pack_rows([len(s) for s in seqs], max_length)
-    width = max(sum(len(seqs[i]) for i in row) for row in rows)
+    lengths = [len(s) for s in seqs]
+    flat = packed_layout(attention) == "flat"
+    rows = [list(range(len(seqs)))] if flat else pack_rows(lengths, max_length)
+    if flat:
+        for i, n in enumerate(lengths):
+            if n <= 0:
+                raise ValueError(f"example {i} has no tokens")
+    width = max(sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     example_index = torch.full((len(rows), width), -1, dtype=torch.long)
+    spans = []
     for r, row in enumerate(rows):
-        start = 0
+        start, row_spans = 0, []
         for i in row:
-            n, p = len(seqs[i]), len(examples[i]["prompt_ids"])
+            n, p = lengths[i], len(examples[i]["prompt_ids"])
             input_ids[r, start:start + n] = torch.tensor(seqs[i])
             position_ids[r, start:start + n] = torch.arange(n)
             labels[r, start + p:start + n] = response_labels(examples[i])
             labels[r, start] = -100
             example_index[r, start:start + n] = i
+            row_spans.append((start, start + n))
             start += n
-        # The filler restarts its positions too, so it is a separate (ignored) sequence rather than part of the last example.
-        position_ids[r, start:] = torch.arange(width - start)
-    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "example_index": example_index}
+        if start < width:
+            # The filler restarts its positions too, so it is a separate (ignored) sequence rather than part of the last example.
+            position_ids[r, start:] = torch.arange(width - start)
+            row_spans.append((start, width))
+        spans.append(tuple(row_spans))
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "example_index": example_index}
+    if flat:
+        offsets = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        longest = max(lengths)
+        batch.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets.clone(), max_length_q=longest, max_length_k=longest)
+    else:
+        batch["packed_spans"] = tuple(spans)
+    return batch
 
 
 def response_labels(example: dict) -> torch.Tensor:
@@ -80,16 +128,23 @@ def response_labels(example: dict) -> torch.Tensor:
     return response
 
 
-def collate_batch(examples: list[dict], pad_id: int, packing: bool, max_length: int) -> dict[str, torch.Tensor]:
-    """The model input of one micro-batch: packed rows or right-padded rows (data/batches.py collate)."""
-    return collate_packed(examples, pad_id, max_length) if packing else collate(examples, pad_id)
+def collate_batch(examples: list[dict], pad_id: int, packing: bool, max_length: int, attention: str | None = "sdpa_packed") -> dict:
+    """The model input of one micro-batch: packed (in `attention`'s layout) or right-padded rows (data/batches.py collate)."""
+    return collate_packed(examples, pad_id, max_length, attention) if packing else collate(examples, pad_id)
 
 
-def tensor_tokens(lengths: list[int], packing: bool, max_length: int) -> int:
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """Tensors moved to `device`; Python values (spans, max lengths) stay on the host, which is the point of them."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def tensor_tokens(lengths: list[int], packing: bool, max_length: int, attention: str | None = "sdpa_packed") -> int:
     """Positions (real tokens + padding) of the tensor that collate_batch builds for examples of these lengths."""
     if not lengths:
         return 0
     if not packing:
         return len(lengths) * max(lengths)
+    if packed_layout(attention) == "flat":
+        return sum(lengths)
     rows = pack_rows(lengths, max_length)
     return len(rows) * max(sum(lengths[i] for i in row) for row in rows)

@@ -48,12 +48,12 @@ def sequence_nll(
     """Per-example summed NLL of the supervised tokens (fp32) and their counts.
 
     `batch` is right-padded (input_ids, attention_mask, labels: one example per row) or packed (input_ids, position_ids,
-    labels, example_index: data/packing.py); results are per example in the order of the collated examples.
+    labels, example_index and the kernel's keys: data/packing.py); results are per example in the order of the collated
+    examples.
     """
-    if "position_ids" in batch:  # packed: no attention_mask and no cache, so attention stops at example boundaries
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    else:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    # Padded: input_ids, attention_mask. Packed: input_ids, position_ids and what the attention kernel needs to keep examples
+    # apart (data/packing.py); no attention_mask and no cache, so attention stops at example boundaries.
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_index")}
     owner, n_examples = example_owner(batch)
     base = unwrap(model)
     if supervised_only and not transforms_logits(base):

@@ -1,7 +1,7 @@
 """Tiny random models and data for tests: a model directory (config.json + the demo tokenizer) and HH-format jsonl files.
 
     from tests.tiny import tiny_model_dir, tiny_data, tiny_run_args
-    model = tiny_model_dir(tmp_path / "model")                      # Llama, hidden 32, 2 layers, vocab 394
+    model = tiny_model_dir(tmp_path / "model")                      # Llama, hidden 32, 2 layers, vocab 394 (or gpt2, gpt_neox)
     train, test = tiny_data(tmp_path, n_train=32, n_test=8)         # first rows of recipes/demo/*.jsonl
     sft_train.main(tiny_run_args(tmp_path, model, train, test, batch_size=4, n_epochs=1))
 
@@ -36,8 +36,13 @@ def tiny_model_dir(path: Path, arch: str = "llama", hidden: int = 32, layers: in
         config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": VOCAB_SIZE, "n_positions": 256,
                   "n_embd": hidden, "n_layer": layers, "n_head": 2, "bos_token_id": 0, "eos_token_id": 0,
                   "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": tied}
+    elif arch == "gpt_neox":  # Pythia's architecture: partial rotary (rotary_pct), parallel residual
+        config = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": VOCAB_SIZE,
+                  "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 2, "intermediate_size": 2 * hidden,
+                  "rotary_pct": 0.25, "max_position_embeddings": 2048, "bos_token_id": 0, "eos_token_id": 0,
+                  "attention_dropout": 0.0, "hidden_dropout": 0.0, "tie_word_embeddings": tied}
     else:
-        raise ValueError(f"unknown arch {arch!r}: llama or gpt2")
+        raise ValueError(f"unknown arch {arch!r}: llama, gpt2 or gpt_neox")
     (path / "config.json").write_text(json.dumps(config, indent=1))
     return path
 

@@ -383,6 +383,11 @@ def validate(config: Config, num_processes: int = 1) -> None:
         raise ConfigError(f"loss.normalize: {config.loss.normalize!r} must be `example` or `token`")
     if config.loss.logits_chunk_tokens <= 0:
         raise ConfigError(f"loss.logits_chunk_tokens must be positive, got {config.loss.logits_chunk_tokens}")
+    if config.packing:
+        from data.packing import check_packing_attention  # the packed layouts live with the collate
+
+        if (problem := check_packing_attention(m.attn_implementation)) is not None:
+            raise ConfigError(problem)
     if config.batching not in ("reference", "length_bucketed"):
         raise ConfigError(f"batching: {config.batching!r} must be `reference` or `length_bucketed`")
     if config.length_bucket_window <= 0:
