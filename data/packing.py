@@ -19,7 +19,7 @@ attention kernel (`packed_layout`), because transformers detects packing differe
   (Python ints), the kwargs transformers' flash path hands to the varlen kernel. transformers only infers packing from
   position_ids when the batch has one row; several packed rows would run as plain causal attention across examples.
 
-Other kernels (flex_attention, paged kernels, ...) are refused with packing (`check_packing_attention`).
+Other kernels (flex_attention, paged kernels, ...) are refused with packing (training/config.py validate).
 """
 
 from __future__ import annotations
@@ -29,26 +29,12 @@ import heapq
 import torch
 
 from data.batches import collate
-
-ROW_KERNELS = ("sdpa_packed", "sdpa", "eager")  # kernels verified on CPU to keep packed rows apart (tests/test_packing.py)
-
-
-def is_flash(attention: str | None) -> bool:
-    """transformers' flash-attention kernels: flash_attention_2/3, hub kernels such as kernels-community/flash-attn."""
-    return attention is not None and "flash" in attention
+from training.config import is_flash_attention
 
 
 def packed_layout(attention: str | None) -> str:
     """`flat` (one row + cu_seq_lens) for flash kernels, `rows` for kernels that separate examples within rows."""
-    return "flat" if is_flash(attention) else "rows"
-
-
-def check_packing_attention(attention: str | None) -> str | None:
-    """Why packing cannot run with this attention kernel (None when it can)."""
-    if attention is None or attention in ROW_KERNELS or is_flash(attention):
-        return None
-    return (f"packing=true with model.attn_implementation={attention}: that kernel is not known to keep packed examples "
-            f"apart; use one of {', '.join(ROW_KERNELS)} or a flash-attention kernel (flash_attention_2), or packing=false")
+    return "flat" if is_flash_attention(attention) else "rows"
 
 
 def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:

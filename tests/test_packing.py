@@ -66,7 +66,7 @@ def test_collate_packed_for_flash_attention_is_one_row_with_cu_seq_lens(attentio
 
 def test_packing_refuses_attention_kernels_that_are_not_known_to_separate_examples():
     config = build_config({"exp_name": "x", "packing": True, "model": {"name_or_path": "m", "attn_implementation": "flex_attention"}})
-    with pytest.raises(ConfigError, match="packing=true with model.attn_implementation=flex_attention"):
+    with pytest.raises(ConfigError, match="packing=true with model.attn_implementation=flex_attention: that kernel is not known"):
         validate(config)
     for attention in ("sdpa_packed", "sdpa", "eager", "flash_attention_2"):
         config.model.attn_implementation = attention

@@ -361,6 +361,16 @@ def normalize_data_files(data_files: dict[str, Any], datasets: list[str], warn: 
     return out
 
 
+# Attention kernels that keep packed examples apart within rows (data/packing.py, tests/test_packing.py); flash kernels get
+# one flattened row instead.
+PACKED_ROW_KERNELS = ("sdpa_packed", "sdpa", "eager")
+
+
+def is_flash_attention(attn_implementation: str | None) -> bool:
+    """transformers' flash-attention kernels: flash_attention_2/3, hub kernels such as kernels-community/flash-attn2."""
+    return attn_implementation is not None and "flash" in attn_implementation
+
+
 def validate(config: Config, num_processes: int = 1) -> None:
     """Cross-field checks, run before any model or data is loaded."""
     if not config.exp_name:
@@ -383,11 +393,10 @@ def validate(config: Config, num_processes: int = 1) -> None:
         raise ConfigError(f"loss.normalize: {config.loss.normalize!r} must be `example` or `token`")
     if config.loss.logits_chunk_tokens <= 0:
         raise ConfigError(f"loss.logits_chunk_tokens must be positive, got {config.loss.logits_chunk_tokens}")
-    if config.packing:
-        from data.packing import check_packing_attention  # the packed layouts live with the collate
-
-        if (problem := check_packing_attention(m.attn_implementation)) is not None:
-            raise ConfigError(problem)
+    if config.packing and not (m.attn_implementation in PACKED_ROW_KERNELS or is_flash_attention(m.attn_implementation)):
+        raise ConfigError(f"packing=true with model.attn_implementation={m.attn_implementation}: that kernel is not known to "
+                          f"keep packed examples apart; use one of {', '.join(PACKED_ROW_KERNELS)}, a flash-attention kernel "
+                          "(flash_attention_2) or packing=false")
     if config.batching not in ("reference", "length_bucketed"):
         raise ConfigError(f"batching: {config.batching!r} must be `reference` or `length_bucketed`")
     if config.length_bucket_window <= 0:
