@@ -29,9 +29,9 @@ from modeling.export import finish_run
 from modeling.load import load_model, load_tokenizer
 from modeling.loss import sequence_nll
 from training import checkpoint as ckpt
-from training.config import local_dir, load_config, normalize_data_files, validate
-from training.distributed import (build_accelerator, check_setup, data_parallel, gather_dp, model_load_kwargs, prepare_model,
-                                  raise_open_file_limit, synced_generate)
+from training.config import cache_dir, load_config, normalize_data_files, validate
+from training.distributed import (build_accelerator, check_setup, data_first, data_parallel, gather_dp, model_load_kwargs,
+                                  prepare_model, raise_open_file_limit, synced_generate)
 from training.logger import MetricsLogger
 from training.loop import (build_optimizer, gather_order, micro_batches, no_sync_unless_last, optimizer_step, prepare_run_dir,
                            raise_if_not_finite, restored_signal_handlers, save, start_state, start_wandb, train)
@@ -50,19 +50,21 @@ def main(argv: list[str] | None = None) -> Path:
     if note := raise_open_file_limit(accelerator):
         log.info(note)
     data_files = normalize_data_files(config.data_files, config.datasets, log.warning)
-    resume_dir = ckpt.resolve_resume(config.resume_from, config.run_dir) if config.resume_from else None
-    cache_dir = str(local_dir(config.local_dirs) / "cache")
+    with accelerator.main_process_first():  # only the main process repairs a LATEST left between two renames by a crash
+        resume_dir = ckpt.resolve_resume(config.resume_from, config.run_dir) if config.resume_from else None
+    cache = cache_dir(config)
 
     tokenizer = load_tokenizer(config.model)
     settings = TokenizeSettings(config.max_length, config.max_prompt_length)
-    with accelerator.main_process_first():  # the main process tokenizes and caches; the others read the cache
-        train_data = build_split(config.datasets, "train", data_files, tokenizer, settings, cache_dir, config.tokenize_num_proc,
-                                 weights=config.dataset_weights, seed=config.seed)
-        eval_data = build_split(config.datasets, "test", data_files, tokenizer, settings, cache_dir, config.tokenize_num_proc)
+    with data_first(accelerator, cache, config.cache_node_local):  # one process per cache prepares data; the others read it
+        train_data = build_split(config.datasets, "train", data_files, tokenizer, settings, str(cache), config.tokenize_num_proc,
+                                 weights=config.dataset_weights, seed=config.seed, data_num_proc=config.data_num_proc)
+        eval_data = build_split(config.datasets, "test", data_files, tokenizer, settings, str(cache), config.tokenize_num_proc,
+                                data_num_proc=config.data_num_proc)
 
     run_dir = prepare_run_dir(config, accelerator, resume_dir)
     torch.manual_seed(config.seed)  # random_init models must not depend on earlier RNG use
-    model = load_model(config.model, cache_dir, **model_load_kwargs(config, accelerator))
+    model = load_model(config.model, str(cache), **model_load_kwargs(config, accelerator))
     prepare_model(config, accelerator, model)
     optimizer, scheduler = build_optimizer(config, model)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand: once per optimizer step

@@ -28,7 +28,7 @@ from data.files import DataError
 from data.records import LOADERS, load_records
 from data.sft import build_split
 from data.tokenize import TokenizeSettings
-from training.config import (Config, ConfigError, build_config, load_recipe, local_dir, normalize_data_files, parse_value,
+from training.config import (Config, ConfigError, build_config, cache_dir, load_recipe, normalize_data_files, parse_value,
                              set_dotted)
 
 log = logging.getLogger("data")
@@ -93,8 +93,9 @@ def load_split(config: Config, split: str):
     tokenizer = load_tokenizer(config.model)
     settings = TokenizeSettings(config.max_length, config.max_prompt_length)
     data_files = normalize_data_files(config.data_files, config.datasets, log.warning)
-    data = build_split(config.datasets, split, data_files, tokenizer, settings, str(local_dir(config.local_dirs) / "cache"),
-                       config.tokenize_num_proc, weights=config.dataset_weights if split == "train" else None, seed=config.seed)
+    data = build_split(config.datasets, split, data_files, tokenizer, settings, str(cache_dir(config)),
+                       config.tokenize_num_proc, weights=config.dataset_weights if split == "train" else None, seed=config.seed,
+                       data_num_proc=config.data_num_proc)
     return tokenizer, settings, data
 
 
@@ -143,12 +144,12 @@ def preview(args: argparse.Namespace) -> None:
 def export(args: argparse.Namespace) -> None:
     config = config_from_args(args)
     data_files = normalize_data_files(config.data_files, config.datasets, log.warning)
-    cache_dir = str(local_dir(config.local_dirs) / "cache")
+    cache = str(cache_dir(config))
     out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
     try:
         n = 0
         for name in config.datasets:
-            records = load_records(name, args.split, files=data_files.get(name, {}).get(args.split), cache_dir=cache_dir)
+            records = load_records(name, args.split, files=data_files.get(name, {}).get(args.split), cache_dir=cache)
             for prompt, record in records.items():
                 line = {"prompt": prompt, "responses": record["responses"], "pairs": [list(p) for p in record["pairs"]],
                         "sft_target": record["sft_target"]}

@@ -36,14 +36,18 @@ LOADERS: dict[str, Callable[[str, list[str] | None, str | None], dict[str, Recor
 TRUNCATION_MODE: dict[str, str] = {name: "keep_end" if name == "hh" else "keep_start" for name in LOADERS}
 
 
+# Loaders whose per-row work (HTML cleaning) is worth spreading over processes.
+PARALLEL = {"se"}
+
+
 def load_records(
-    name: str, split: str, files: list[str] | None = None, cache_dir: str | None = None
+    name: str, split: str, files: list[str] | None = None, cache_dir: str | None = None, num_proc: int | None = None
 ) -> dict[str, Record]:
     """Records of dataset `name`, split `split`: from the hub (files=None) or from local files/globs of its rows."""
     if name not in LOADERS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(LOADERS)}")
     paths = None if files is None else resolve_paths(files)
-    records = LOADERS[name](split, paths, cache_dir)
+    records = LOADERS[name](split, paths, cache_dir, **({"num_proc": num_proc} if name in PARALLEL else {}))
     if not records:
         source = "the hub" if paths is None else f"files {paths}"
         message = f"dataset {name!r} split {split!r} from {source} produced no records"

@@ -26,7 +26,8 @@ from data.tokenize import TokenizeSettings, tokenize_examples
 COLUMNS = ("prompt", "target", "mode", "example_id", "messages")
 
 
-def dataset_rows(name: str, split: str, files: list[str] | None, cache_dir: str | None) -> list[dict[str, str]]:
+def dataset_rows(name: str, split: str, files: list[str] | None, cache_dir: str | None,
+                 num_proc: int | None = None) -> list[dict[str, str]]:
     """The untokenized examples of one dataset and split."""
     mode = TRUNCATION_MODE[name]
     if name == "jsonl" and files is not None:
@@ -38,7 +39,7 @@ def dataset_rows(name: str, split: str, files: list[str] | None, cache_dir: str 
                  "messages": conversation_json(messages)}
                 for i, (where, messages) in enumerate(conversations)
             ]
-    records = load_records(name, split, files=files, cache_dir=cache_dir)
+    records = load_records(name, split, files=files, cache_dir=cache_dir, num_proc=num_proc)
     return [
         {"prompt": prompt, "target": record["sft_target"], "mode": mode, "example_id": f"{name}/{split}/{i}", "messages": ""}
         for i, (prompt, record) in enumerate(records.items())
@@ -61,10 +62,11 @@ def sft_examples(
     cache_dir: str | None,
     weights: dict[str, float] | None = None,
     seed: int = 0,
+    data_num_proc: int | None = None,
 ) -> datasets.Dataset:
     rows: list[dict[str, str]] = []
     for name in names:
-        part = dataset_rows(name, split, data_files.get(name, {}).get(split), cache_dir)
+        part = dataset_rows(name, split, data_files.get(name, {}).get(split), cache_dir, data_num_proc)
         if weights and name in weights:
             part = reweight(part, float(weights[name]), random.Random(f"{name}:{seed}"))
         rows.extend(part)
@@ -83,7 +85,8 @@ def build_split(
     num_proc: int | None = None,
     weights: dict[str, float] | None = None,
     seed: int = 0,
+    data_num_proc: int | None = None,
 ) -> datasets.Dataset:
     """Tokenized examples (columns in data/tokenize.py); raises DataError when the split ends up empty."""
-    examples = sft_examples(names, split, data_files, cache_dir, weights, seed)
+    examples = sft_examples(names, split, data_files, cache_dir, weights, seed, data_num_proc)
     return tokenize_examples(examples, tokenizer, settings, cache_dir=cache_dir, num_proc=num_proc)

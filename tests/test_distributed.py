@@ -216,6 +216,46 @@ def test_the_script_stops_on_a_bad_combination_before_loading_anything(tiny_llam
     assert not (tmp_path / "r").exists()
 
 
+def test_the_process_group_gets_the_configured_time_out():
+    import datetime
+
+    from training.distributed import process_group_kwargs
+
+    config = build_config({"exp_name": "x", "dist_timeout_minutes": 0.5})
+    assert process_group_kwargs(config).to_kwargs() == {"timeout": datetime.timedelta(seconds=30)}
+    assert build_config({"exp_name": "x"}).dist_timeout_minutes == 60  # not NCCL's 10 minutes
+
+
+def test_data_is_prepared_once_per_node_on_node_local_disk_and_once_in_all_on_shared_storage(tmp_path):
+    from training.distributed import data_first, on_shared_storage
+
+    mounts = "/dev/sda1 / ext4 rw 0 0\nhome:/export /home nfs4 rw 0 0\n/dev/nvme0 /scr-ssd xfs rw 0 0\n" \
+             "lfs@o2ib:/fs /lustre lustre rw 0 0\nfs /mnt/fuse fuse.sshfs rw 0 0\n"
+    assert not on_shared_storage("/scr-ssd/alice/cache", mounts)
+    assert on_shared_storage("/home/alice/cache", mounts)
+    assert on_shared_storage("/lustre/alice", mounts) and on_shared_storage("/mnt/fuse/x", mounts)
+    assert not on_shared_storage("/homework", mounts)  # a prefix of the name is not a mount point above it
+
+    calls = []
+    accelerator = SimpleNamespace(local_main_process_first=lambda: calls.append("local") or "local ctx",
+                                  main_process_first=lambda: calls.append("global") or "global ctx")
+    assert data_first(accelerator, tmp_path, node_local=True) == "local ctx"
+    assert data_first(accelerator, tmp_path, node_local=False) == "global ctx"
+    data_first(accelerator, tmp_path / "new", node_local=None)  # detected from this machine's mounts
+    assert calls[:2] == ["local", "global"] and len(calls) == 3
+
+
+def test_the_cache_is_per_user_under_the_local_dir(tmp_path, monkeypatch):
+    import getpass
+
+    from training.config import cache_dir, default_run_dir
+
+    monkeypatch.setattr(getpass, "getuser", lambda: "bob")
+    config = build_config({"exp_name": "x", "local_dirs": [str(tmp_path / "missing"), str(tmp_path)]})
+    assert cache_dir(config) == tmp_path / "bob" / "cache"  # another user's {local_dir}/cache never gets in the way
+    assert default_run_dir(config).parent == tmp_path / "bob"
+
+
 # ---- 2-process runs ----
 
 def run(command: list[str], tmp: Path, **env) -> subprocess.CompletedProcess:

@@ -99,7 +99,9 @@ def test_shp_bad_rows_and_all_filtered(tmp_path):
         ("<p>Hello <b>bold</b> world</p>", "Hello  world"),  # only the p's direct text
         ("<p>use <code>f()</code> now</p>", "use  now"),  # inline code inside a p is a nested tag: dropped
         ("<pre>lead<code>x = 1\n</code> mid <code>y</code></pre>", "<code>x = 1\n</code>\n\n<code>y</code>"),
-        ("<code>int</code>", "int"),  # top-level code: its text, no tags
+        ("<code>int</code>", "<code>int</code>"),  # top-level code keeps its tags, as code in a <pre> does
+        ("<code>a<b>b</b></code><p>t</p>", "<code>ab</code>\n\nt"),  # all of a code's text, nested tags too
+        ("<pre><div><code>z</code></div></pre>", "<code>z</code>"),  # code at any depth in a <pre>
         ("stray<p>a</p>more", "a"),  # text outside any tag is dropped
         ("<p>outer <p>inner</p> tail</p>", "outer  tail"),  # html.parser nests the p; the nested one is dropped
         ("<p>see <!--hidden--> this</p><!--top-->", "see hidden this"),  # comment text in a p is kept, top-level not
@@ -172,3 +174,14 @@ def test_se_split_is_the_seed_42_shuffle_of_all_rows(tmp_path):
         load_records("se", "test", files=[str(write_jsonl(tmp_path / "small.jsonl", rows[:99]))])  # int(0.99) = 0
     with pytest.raises(ValueError, match="se has splits 'train' and 'test', got 'validation'"):
         load_records("se", "validation", files=[str(path)])
+
+
+def test_se_cleaning_in_several_processes_gives_the_same_records():
+    from data import se
+
+    rows = [se_row(f"<p>q{i % 500}</p><code>c{i}</code>", (f"<p>a{i}</p><pre><code>x{i}</code></pre>", i % 7), (f"<p>b{i}</p>", 3))
+            for i in range(600)]  # 1,800 documents: enough for several cleaning tasks
+    serial = se_records(numbered(rows))
+    parallel = se_records(numbered(rows), num_proc=2)
+    assert len(serial) == 600 and 1800 >= 4 * se.CLEAN_CHUNK
+    assert list(parallel.items()) == list(serial.items())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -156,7 +157,16 @@ class Config:
     resume_from: str | None = None
     """Checkpoint to resume: a step-N or LATEST dir, or `auto` for the newest complete checkpoint in run_dir."""
     keep_last: int | None = None
-    """Keep only the newest this-many step-N checkpoints; null keeps all."""
+    """Keep only the newest this-many step-N checkpoints; null keeps all. At 7B each step-N takes about 27 GB (policy.pt,
+    fp32) plus the sharded resume state (about 81 GB with AdamW under FSDP), so set it on long runs."""
+    save_full_optimizer: bool = False
+    """Under FSDP/TP also write the full optimizer.pt (the reference's layout; about 54 GB for 7B with AdamW, gathered on the
+    main process). Resume never needs it: the sharded resume state holds the optimizer."""
+    save_every_minutes: float | None = None
+    """Also write LATEST when this many minutes passed since the last save, so a hard kill loses at most that much; null: off."""
+    dist_timeout_minutes: float = 60.0
+    """Time-out of the process group's collectives. Long enough for one process to wait while another writes a 7B
+    checkpoint's largest single file on slow shared storage (27 GB at 15 MB/s is 30 min); a real hang is found after it."""
     max_updates_this_run: int | None = None
     """End this invocation after this many optimizer steps, saving LATEST as on SIGTERM; `resume_from=auto` continues (another
     this-many, as the saved config.yaml keeps the value). For clusters with job time limits; order and schedule are unchanged."""
@@ -176,6 +186,11 @@ class Config:
     """length_bucketed: batches per window of the epoch order that is sorted by length before it is cut into batches."""
     tokenize_num_proc: int | None = None
     """Processes for tokenization; null uses one."""
+    data_num_proc: int | None = None
+    """Processes for building the canonical records (StackExchange's HTML cleaning); null uses one. Records are cached."""
+    cache_node_local: bool | None = None
+    """Whether the cache dir is on node-local disk (each node prepares data once) or on storage all nodes share (one process
+    prepares it for all); null detects it from the file system type (nfs, lustre, gpfs, ... are shared)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging."""
 
@@ -428,6 +443,13 @@ def validate(config: Config, num_processes: int = 1) -> None:
         raise ConfigError(f"optimizer: torch.optim has no {config.optimizer!r}{suggest(config.optimizer, names)}")
     if config.keep_last is not None and config.keep_last < 1:
         raise ConfigError(f"keep_last must be at least 1 or null, got {config.keep_last}")
+    if config.save_every_minutes is not None and not config.save_every_minutes > 0:
+        raise ConfigError(f"save_every_minutes must be positive or null, got {config.save_every_minutes}")
+    if not (config.dist_timeout_minutes > 0 and math.isfinite(config.dist_timeout_minutes)):
+        raise ConfigError(f"dist_timeout_minutes must be a positive number of minutes, got {config.dist_timeout_minutes}")
+    for key in ("tokenize_num_proc", "data_num_proc"):
+        if getattr(config, key) is not None and getattr(config, key) < 1:
+            raise ConfigError(f"{key} must be at least 1 or null, got {getattr(config, key)}")
     if config.max_updates_this_run is not None and config.max_updates_this_run < 1:
         raise ConfigError(f"max_updates_this_run must be at least 1 or null, got {config.max_updates_this_run}")
     if config.resume_from not in (None, "auto") and not Path(config.resume_from).is_dir():
@@ -449,6 +471,13 @@ def default_run_dir(config: Config) -> Path:
 
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
     return local_dir(config.local_dirs) / getpass.getuser() / f"{config.exp_name}_{stamp}"
+
+
+def cache_dir(config: Config) -> Path:
+    """{first writable local_dir}/{user}/cache: per user, as the reference kept it, so users of one machine never share it."""
+    import getpass
+
+    return local_dir(config.local_dirs) / getpass.getuser() / "cache"
 
 
 def local_dir(local_dirs: list[str]) -> Path:

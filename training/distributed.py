@@ -22,13 +22,14 @@ The script never reads RANK itself.
 
 from __future__ import annotations
 
+import datetime
 import os
 import resource
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 from accelerate.utils.environment import str_to_bool
 
 from training import checkpoint as ckpt
@@ -74,7 +75,49 @@ def fsdp_plugin(config: Config) -> FullyShardedDataParallelPlugin:
 def build_accelerator(config: Config) -> Accelerator:
     plugin = fsdp_plugin(config) if fsdp_requested() else None
     # Without GPUs, cpu mode makes a multi-process launch a real gloo group; otherwise each process would run alone as rank 0.
-    return Accelerator(step_scheduler_with_optimizer=False, fsdp_plugin=plugin, cpu=not torch.cuda.is_available())
+    return Accelerator(step_scheduler_with_optimizer=False, fsdp_plugin=plugin, cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[process_group_kwargs(config)])
+
+
+def process_group_kwargs(config: Config) -> InitProcessGroupKwargs:
+    """The process group's collective time-out (accelerate's default is NCCL's 10 minutes): see dist_timeout_minutes."""
+    return InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=config.dist_timeout_minutes))
+
+
+# File systems that several nodes mount at once; on anything else each node has its own copy of the cache.
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "glusterfs", "wekafs", "panfs",
+                      "9p", "virtiofs", "fuse")
+
+
+def on_shared_storage(path: str | Path, mounts: str | None = None) -> bool:
+    """Whether `path` lies on a network file system, from the longest matching mount point in /proc/mounts."""
+    path = os.path.realpath(path)
+    best, fstype = "", ""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return True  # unknown: assume shared, the safe choice (one process prepares the data for everyone)
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")
+        if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+            best, fstype = mount, fields[2]
+    return fstype.split(".")[0] in SHARED_FILESYSTEMS
+
+
+def data_first(accelerator: Accelerator, cache: str | Path, node_local: bool | None):
+    """The context in which data is prepared: one process per cache goes first and fills it, the others then read it.
+
+    A cache on storage that all nodes share is filled by the main process; a node-local cache (/scr-ssd) by each node's
+    local main process, so the other nodes do not tokenize concurrently behind the global main process.
+    """
+    if node_local is None:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        node_local = not on_shared_storage(cache)
+    return accelerator.local_main_process_first() if node_local else accelerator.main_process_first()
 
 
 def tp_size(accelerator: Accelerator) -> int:

@@ -27,7 +27,7 @@ MODE = sys.argv[1]
 
 
 def forced_accelerator(config):
-    accelerator = Accelerator(cpu=True, step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(cpu=True, step_scheduler_with_optimizer=False, kwargs_handlers=[distributed.process_group_kwargs(config)])
     state = accelerator.state
     if MODE == "fsdp":
         state.fsdp_plugin = distributed.fsdp_plugin(config)
