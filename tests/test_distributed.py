@@ -24,6 +24,7 @@ import torch
 import transformers
 from accelerate.utils import DistributedType
 
+from training import checkpoint as ckpt
 from training.config import ConfigError, build_config
 from training.distributed import (block_candidates, check_setup, data_parallel, fsdp_plugin, ids_to_names, model_load_kwargs,
                                   names_to_ids, prepare_model, raise_open_file_limit)
@@ -35,11 +36,11 @@ LAUNCH_2 = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
 
 
-def make_tiny_llama(path: Path) -> Path:
+def make_tiny_llama(path: Path, hidden: int = 32, layers: int = 2) -> Path:
     """A 2-layer Llama (hidden 32) with the demo tokenizer, saved as a real checkpoint (TP needs from_pretrained)."""
     config = json.loads((DEMO / "config.json").read_text())
-    config.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                  head_dim=16, tie_word_embeddings=False)
+    config.update(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=hidden // 2, tie_word_embeddings=False)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -266,11 +267,16 @@ def run(command: list[str], tmp: Path, **env) -> subprocess.CompletedProcess:
     return result
 
 
-def launch(tmp: Path, run_dir: Path, model_dir: Path, mode: str, *extra: str) -> Path:
-    """mode: 1proc (python sft_train.py), ddp (cpu_2proc.yaml), fsdp or tp (forced on 2 CPU processes)."""
+def launch(tmp: Path, run_dir: Path, model_dir: Path, mode: str, *extra: str, env: dict | None = None, ok: bool = True):
+    """mode: 1proc (python sft_train.py), plain (1 process through the test hooks of forced_launch.py), ddp (cpu_2proc.yaml),
+    fsdp or tp (forced on 2 CPU processes). `env`: more environment variables (forced_launch.py's hooks). `ok=False`: the
+    run must fail; its output is returned."""
     args = [*recipe(model_dir), f"run_dir={run_dir}", f"local_dirs=[{tmp / 'cache'}]", *extra]
+    env = env or {}
     if mode == "1proc":
         result = run(["sft_train.py", *args], tmp)
+    elif mode == "plain":
+        result = run([str(FORCED), "plain", *args], tmp, ACCELERATE_USE_CPU=None, **env)
     elif mode == "ddp":
         # No ACCELERATE_USE_CPU: the script itself must make the two processes one group (two solo rank-0 processes would
         # each log every step, which assert_same_training catches).
@@ -278,7 +284,10 @@ def launch(tmp: Path, run_dir: Path, model_dir: Path, mode: str, *extra: str) ->
                      tmp, ACCELERATE_USE_CPU=None)
     else:
         fsdp_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
-        result = run([*LAUNCH_2, str(FORCED), mode, *args], tmp, **(fsdp_env if mode == "fsdp" else {}))
+        result = run([*LAUNCH_2, str(FORCED), mode, *args], tmp, **(fsdp_env if mode == "fsdp" else {}), **env)
+    if not ok:
+        assert result.returncode != 0, "the run should have failed"
+        return result.stdout + result.stderr
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return run_dir
 
@@ -330,7 +339,8 @@ def test_ddp_two_processes_match_one_process(runs):
 
 @pytest.fixture(scope="module")
 def fsdp_run(runs) -> Path:
-    return launch(runs["tmp"], runs["tmp"] / "fsdp", runs["model"], "fsdp")
+    # save_full_optimizer: the full optimizer.pt next to the sharded resume state, to compare with the 1-process run
+    return launch(runs["tmp"], runs["tmp"] / "fsdp", runs["model"], "fsdp", "save_full_optimizer=true")
 
 
 @pytest.mark.slow
@@ -346,10 +356,38 @@ def test_fsdp2_wraps_exactly_the_blocks_and_matches_one_process(fsdp_run, runs):
     assert sorted(p.name for p in fsdp_run.iterdir() if p.is_dir()) == ["LATEST", "step-8"]
 
 
+def assert_resumed_exactly(dump: Path, checkpoint: Path) -> None:
+    """The full model and optimizer state right after a resume equal, bit for bit, those the checkpoint was saved from."""
+    loaded = torch.load(dump)
+    policy, optim = ckpt.load_archive(checkpoint / "policy.pt")["state"], ckpt.load_archive(checkpoint / "optimizer.pt")["state"]
+    assert list(loaded["policy"]) == list(policy)
+    assert all(torch.equal(loaded["policy"][k], v) for k, v in policy.items())
+    assert loaded["optimizer"]["param_groups"] == optim["param_groups"]
+    assert list(loaded["optimizer"]["state"]) == list(optim["state"])
+    for i, state in optim["state"].items():
+        assert set(loaded["optimizer"]["state"][i]) == set(state)
+        assert all(torch.equal(loaded["optimizer"]["state"][i][k], v) for k, v in state.items()), i
+
+
+@pytest.mark.slow
+def test_sharded_resume_state_from_2_processes_resumes_bit_exactly_on_1(fsdp_run, runs, tmp_path):
+    checkpoint = fsdp_run / "step-8"
+    assert ckpt.is_sharded(checkpoint) and (checkpoint / "resume" / ".metadata").is_file()
+    assert sorted(p.name for p in (checkpoint / "resume").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    launch(runs["tmp"], tmp_path / "on-1", runs["model"], "plain", f"resume_from={checkpoint}", "save_full_optimizer=true",
+           env={"DUMP_RESUMED": str(tmp_path / "resumed.pt")})
+    assert_resumed_exactly(tmp_path / "resumed.pt", checkpoint)
+    # and the next steps follow the 2-process run (1 and 2 processes agree to float rounding, see assert_same_training)
+    assert metrics(tmp_path / "on-1")[0]["loss/train"] == pytest.approx(metrics(fsdp_run)[4]["loss/train"], rel=1e-5)
+    assert not ckpt.is_sharded(tmp_path / "on-1" / "LATEST")  # one process writes the full layout
+
+
 @pytest.mark.slow
 def test_fsdp2_resumes_from_its_checkpoint_with_activation_checkpointing(fsdp_run, runs):
-    resumed = launch(runs["tmp"], runs["tmp"] / "fsdp-resumed", runs["model"], "fsdp",
-                     f"resume_from={fsdp_run / 'step-8'}", "activation_checkpointing=true")
+    dump = runs["tmp"] / "fsdp-resumed.pt"
+    resumed = launch(runs["tmp"], runs["tmp"] / "fsdp-resumed", runs["model"], "fsdp", "save_full_optimizer=true",
+                     f"resume_from={fsdp_run / 'step-8'}", "activation_checkpointing=true", env={"DUMP_RESUMED": str(dump)})
+    assert_resumed_exactly(dump, fsdp_run / "step-8")  # the sharded resume state, back on 2 processes
     assert [m["examples_seen"] for m in metrics(resumed)] == [12, 12]
     assert metrics(resumed)[0]["loss/train"] == pytest.approx(metrics(fsdp_run)[4]["loss/train"], rel=1e-5)
     assert_same_checkpoint(resumed / "LATEST", fsdp_run / "LATEST")
@@ -362,8 +400,31 @@ def test_fsdp2_resumes_from_its_checkpoint_with_activation_checkpointing(fsdp_ru
 
 @pytest.mark.slow
 def test_tensor_parallel_two_processes_match_one_process(runs):
-    run_dir = launch(runs["tmp"], runs["tmp"] / "tp", runs["model"], "tp")
+    run_dir = launch(runs["tmp"], runs["tmp"] / "tp", runs["model"], "tp", "save_full_optimizer=true")
     facts = json.loads((run_dir / "parallel.json").read_text())
     assert facts["mode"] == "tp" and facts["fsdp_units"] == []
     assert "model.layers.0.self_attn.q_proj.weight" in facts["dtensor_params"]  # really sharded
     assert_same_training(run_dir, runs["1proc"])
+
+
+@pytest.mark.slow
+def test_sharded_save_holds_one_full_copy_on_rank_0_and_no_process_waits_for_its_write(runs, tmp_path):
+    """A 2.8M-parameter model (11 MB in fp32, AdamW state 22 MB more) under FSDP2 on 2 processes. During the step-4 save the
+    main process's resident memory grows by about one full copy of the weights: the gathered policy.pt (before: the full
+    model plus the full optimizer state, 3 copies). With a 6 s process-group time-out and a LATEST/policy.pt write that
+    takes 15 s, the run finishes: no process waits in a collective for the main process's write. With a barrier after each
+    save (how saving used to end) the same run dies of the time-out."""
+    model = make_tiny_llama(tmp_path / "model", hidden=256, layers=4)
+    model_bytes = sum(t.numel() * t.element_size() for t in transformers.AutoModelForCausalLM.from_pretrained(model).state_dict().values())
+    extra = ("n_examples=8", "eval_every=4", "sample_during_eval=false", "dist_timeout_minutes=0.1")
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536",  # large blocks go back to the system when freed, so RSS follows live memory
+           "SLOW_LATEST_WRITE": "15"}
+    run_dir = launch(runs["tmp"], tmp_path / "run", model, "fsdp", *extra, env={**env, "MEASURE_SAVE_MEMORY": "1"})
+    peak = json.loads((run_dir / "save_memory.json").read_text())["step-4"]
+    print(f"model {model_bytes / 2**20:.1f} MiB; peak extra resident memory of rank 0 during the step-4 save {peak / 2**20:.1f} MiB")
+    assert peak < 1.5 * model_bytes
+    assert ckpt.is_complete(run_dir / "LATEST") and ckpt.is_sharded(run_dir / "LATEST")
+    assert not (run_dir / "LATEST" / "optimizer.pt").exists()  # only with save_full_optimizer
+
+    output = launch(runs["tmp"], tmp_path / "old", model, "fsdp", *extra, env={**env, "BARRIER_AFTER_SAVE": "1"}, ok=False)
+    assert "timed out" in output.lower() or "timeout" in output.lower(), output[-3000:]

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKPOINT_FILES = ("policy.pt", "optimizer.pt", "scheduler.pt", "train_state.pt")
+CHECKPOINT_FILES = ("policy.pt", "scheduler.pt", "train_state.pt")  # plus optimizer.pt or the sharded resume state
+RESUME_DIR = "resume"  # the sharded resume state of FSDP/TP runs: model and optimizer shards (torch.distributed.checkpoint)
 MARKER = "complete"
 LOG_FILES = ("metrics.jsonl", "samples.jsonl")
 
@@ -70,26 +72,43 @@ def set_rng_state(state: dict[str, Any] | list[dict[str, Any]], rank: int = 0) -
         torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+def tmp_dir(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / f".tmp-{name}"
+
+
+def start_checkpoint(run_dir: Path, name: str) -> Path:
+    """A fresh, empty temporary directory for checkpoint `name` (main process, before any process writes into it)."""
+    tmp = tmp_dir(run_dir, name)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash during an earlier write
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def write_checkpoint(
     run_dir: Path,
     name: str,
     step_idx: int,
     policy_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
+    optimizer_state: dict[str, Any] | None,
     scheduler_state: dict[str, Any],
     train_state: dict[str, Any],
     metrics: dict[str, Any],
+    started: bool = False,
 ) -> Path:
-    """Write `{run_dir}/{name}/` atomically (main process only). An existing directory of that name is replaced."""
+    """Write `{run_dir}/{name}/` atomically (main process only). An existing directory of that name is replaced.
+
+    `started`: the temporary directory already holds what the other processes wrote (the sharded resume state); otherwise
+    it is made afresh. `optimizer_state` None writes no optimizer.pt (the sharded resume state holds the optimizer).
+    """
     run_dir = Path(run_dir)
     final = run_dir / name
-    tmp = run_dir / f".tmp-{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a crash during an earlier write
-    tmp.mkdir(parents=True)
+    tmp = tmp_dir(run_dir, name) if started else start_checkpoint(run_dir, name)
     metrics = plain(metrics)
-    for filename, state in (("policy.pt", policy_state), ("optimizer.pt", optimizer_state), ("scheduler.pt", scheduler_state)):
-        save_file({"step_idx": step_idx, "state": state, "metrics": metrics}, tmp / filename)
+    files = [("policy.pt", policy_state), ("optimizer.pt", optimizer_state), ("scheduler.pt", scheduler_state)]
+    for filename, state in files:
+        if state is not None:
+            save_file({"step_idx": step_idx, "state": state, "metrics": metrics}, tmp / filename)
     save_file(train_state, tmp / "train_state.pt")
     with open(tmp / MARKER, "w") as f:
         # written_at orders checkpoints of the same step (and survives copying the run dir, unlike mtimes)
@@ -143,7 +162,14 @@ def recover(run_dir: Path) -> None:
 
 
 def is_complete(path: Path) -> bool:
-    return (Path(path) / MARKER).is_file() and all((Path(path) / f).is_file() for f in CHECKPOINT_FILES)
+    path = Path(path)
+    has_optimizer = (path / "optimizer.pt").is_file() or is_sharded(path)
+    return (path / MARKER).is_file() and has_optimizer and all((path / f).is_file() for f in CHECKPOINT_FILES)
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether the checkpoint's resume state is sharded (written by every process of an FSDP/TP run)."""
+    return (Path(path) / RESUME_DIR / ".metadata").is_file()
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -207,7 +233,8 @@ def load_file(path: str | Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: the tensors stay in the page cache (shared by the processes of a node) until they are copied into place
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises several types for truncated zips and unpickling errors
         raise CheckpointError(f"cannot load {path}: the file is corrupt, truncated or not a checkpoint ({type(e).__name__}: {e})") from e
 
@@ -241,5 +268,41 @@ def resolve_resume(resume_from: str, run_dir: str | Path | None) -> Path:
         return found[-1]
     path = Path(resume_from)
     if not is_complete(path):
-        raise CheckpointError(f"resume_from: {path} is not a complete checkpoint (missing {MARKER} or one of {', '.join(CHECKPOINT_FILES)})")
+        raise CheckpointError(f"resume_from: {path} is not a complete checkpoint (missing {MARKER}, one of "
+                              f"{', '.join(CHECKPOINT_FILES)}, or both optimizer.pt and {RESUME_DIR}/)")
     return path
+
+
+class BackgroundWriter:
+    """Runs the main process's checkpoint writes in a thread, one at a time, so the other processes keep training instead
+    of waiting in a collective (and running into its time-out) while a 27 GB policy.pt goes to slow storage.
+
+    `submit` first waits for the previous write, so at most one gathered copy of the weights is held; `wait` before using
+    what was written (export) and before exit. An error in the thread is raised by the next `submit` or `wait`.
+    """
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+        self.thread = threading.Thread(target=self._run, args=(fn, *args), name="checkpoint-writer")
+        self.thread.start()
+
+    def _run(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # re-raised in the training thread
+            self.error = e
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+writer = BackgroundWriter()  # one per process: only the main process submits

@@ -242,7 +242,70 @@ def full_model_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[s
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if accelerator.is_main_process else {}
-    return {k: v.detach().cpu() for k, v in accelerator.get_state_dict(model).items()}
+    if not accelerator.is_main_process:
+        return {}  # DDP: every process holds the same weights; one CPU copy (the main process's) is enough
+    return {k: v.detach().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+
+
+def save_sharded(model: torch.nn.Module, optimizer, path: Path) -> None:
+    """Every process writes its own shards of the model and optimizer state to `path` (torch.distributed.checkpoint).
+
+    Nothing is gathered: each process writes what it holds. The files reload under any number of processes and any mode
+    (`load_sharded`), keyed by the unwrapped model's parameter names.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, getattr(optimizer, "optimizer", optimizer))
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path))
+
+
+def load_sharded(model: torch.nn.Module, optimizer, path: Path) -> None:
+    """Load a `save_sharded` state into this run's (possibly differently sharded, or unsharded) model and optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)
+    model_state, optimizer_state = get_state_dict(model, torch_optimizer)  # the layout to load into (state initialised)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # missing or foreign shards, a different model
+        raise ckpt.CheckpointError(f"cannot load the sharded resume state {path}: {type(e).__name__}: {e}") from e
+    set_state_dict(model, torch_optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    restore_tuples(torch_optimizer)
+
+
+def restore_tuples(optimizer: torch.optim.Optimizer) -> None:
+    """Loading through torch.distributed.checkpoint turns tuple hyperparameters (Adam's betas) into lists."""
+    for group in optimizer.param_groups:
+        group.update({k: tuple(v) for k, v in group.items() if k != "params" and isinstance(v, list)})
+
+
+def detached(obj, model: torch.nn.Module, optimizer):
+    """`obj` (nested dicts/lists of tensors) with every tensor that shares memory with the live model or optimizer cloned,
+    so the main process can write it while training goes on. Gathered copies (all of FSDP2's, all on GPUs) are kept as they
+    are; on CPU, unsharded parameters come back as the live tensors themselves."""
+    from torch.distributed.tensor import DTensor
+
+    def local(t):
+        return t._local_tensor if isinstance(t, DTensor) else t
+
+    live = {local(t).untyped_storage().data_ptr() for t in model.state_dict().values() if isinstance(t, torch.Tensor)}
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)
+    live |= {local(t).untyped_storage().data_ptr() for state in torch_optimizer.state.values() for t in state.values()
+             if isinstance(t, torch.Tensor)}
+
+    def copy(value):
+        if isinstance(value, torch.Tensor):
+            return value.clone() if local(value).untyped_storage().data_ptr() in live else value
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(v) for v in value)
+        return value
+
+    return copy(obj)
 
 
 def full_optimizer_state(accelerator: Accelerator, model: torch.nn.Module, optimizer) -> dict:
@@ -301,8 +364,7 @@ def load_full_state(accelerator: Accelerator, model: torch.nn.Module, optimizer,
     set_model_state_dict(model, ckpt.load_archive(policy_path)["state"] if main else {}, options=options)
     optim_state = ids_to_names(ckpt.load_archive(optimizer_path)["state"], model, torch_optimizer) if main else {}
     set_optimizer_state_dict(model, torch_optimizer, optim_state, options=options)
-    for group in torch_optimizer.param_groups:  # the broadcast turns tuple hyperparameters (Adam's betas) into lists
-        group.update({k: tuple(v) for k, v in group.items() if k != "params" and isinstance(v, list)})
+    restore_tuples(torch_optimizer)  # the broadcast, too, turns tuples into lists
 
 
 def raise_open_file_limit(accelerator: Accelerator) -> str | None:

@@ -15,6 +15,7 @@ step-N and LATEST checkpoints, resume, SIGTERM/SIGINT, the run directory, wandb)
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import signal
 from dataclasses import asdict, dataclass
@@ -27,7 +28,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from training import checkpoint as ckpt
 from training.config import Config, default_run_dir, save_config
-from training.distributed import data_parallel, full_model_state, full_optimizer_state, load_full_state
+from training.distributed import (data_parallel, detached, full_model_state, full_optimizer_state, load_full_state, load_sharded,
+                                  save_sharded, sharded)
 from training.logger import console
 
 import logging
@@ -145,6 +147,7 @@ def train(config: Config, accelerator, model, optimizer, scheduler, plans: Itera
             save(config, accelerator, model, optimizer, scheduler, state, run_dir, "LATEST")
             logger.close()
             if accelerator.is_main_process:
+                ckpt.writer.wait()
                 console.print(f"stopped at {state.examples_seen} examples; continue with: python {script} "
                               f"{run_dir}/config.yaml run_dir={run_dir} resume_from=auto", soft_wrap=True, highlight=False)
             return False
@@ -155,6 +158,7 @@ def train(config: Config, accelerator, model, optimizer, scheduler, plans: Itera
     save(config, accelerator, model, optimizer, scheduler, state, run_dir, "LATEST")
     logger.close()
     if accelerator.is_main_process:
+        ckpt.writer.wait()  # the other processes may already be gone: nothing collective follows
         console.print(f"[green]done[/green]: {state.examples_seen} examples, {state.updates} updates; policy at {run_dir}/LATEST/policy.pt")
     return True
 
@@ -213,24 +217,44 @@ def optimizer_step(config: Config, accelerator, model, optimizer, scheduler) -> 
 
 
 def save(config, accelerator, model, optimizer, scheduler, state, run_dir, name) -> None:
-    """Gather full states (every process takes part), then the main process writes the checkpoint atomically."""
-    policy_state = full_model_state(accelerator, model)  # collective under FSDP/TP
-    optimizer_state = full_optimizer_state(accelerator, model, optimizer)
+    """Write checkpoint `name`. FSDP/TP: every process writes its shards of the resume state, then the full policy.pt is
+    gathered to the main process, which writes it in the background while the others go on (no collective waits for it).
+    Otherwise the main process writes policy.pt and the full optimizer.pt itself."""
+    main = accelerator.is_main_process
+    if main:
+        ckpt.writer.wait()  # the previous checkpoint's write: one gathered copy of the weights at a time
+    if is_sharded := sharded(accelerator):
+        if main:
+            ckpt.start_checkpoint(run_dir, name)  # before any process writes: save_sharded's first step is collective
+        save_sharded(model, optimizer, ckpt.tmp_dir(run_dir, name) / ckpt.RESUME_DIR)
+    policy_state = full_model_state(accelerator, model)  # collective under FSDP/TP; {} except on the main process
+    optimizer_state = full_optimizer_state(accelerator, model, optimizer) if not is_sharded or config.save_full_optimizer else None
     rng = gather_object([ckpt.rng_state()])  # one per process: ranks sample different prompts, so their generators differ
-    if accelerator.is_main_process:
-        policy_state = {k: v.detach().cpu() for k, v in policy_state.items()}
-        train_state = {**asdict(state), "rng": rng, "logs": ckpt.log_sizes(run_dir)}
-        ckpt.write_checkpoint(run_dir, name, state.examples_seen, policy_state, optimizer_state, scheduler.state_dict(),
-                              ckpt.plain(train_state), state.eval_metrics or {})
-        if name.startswith("step-"):
-            ckpt.prune(run_dir, config.keep_last)
-    accelerator.wait_for_everyone()
+    if not main:
+        return
+    train_state = ckpt.plain({**asdict(state), "rng": rng, "logs": ckpt.log_sizes(run_dir)})
+    args = (config, run_dir, name, state.examples_seen, policy_state, optimizer_state, copy.deepcopy(scheduler.state_dict()),
+            train_state, state.eval_metrics or {}, is_sharded)
+    if is_sharded:
+        ckpt.writer.submit(write_and_prune, *detached(args, model, optimizer))
+    else:
+        write_and_prune(*args)
+
+
+def write_and_prune(config, run_dir, name, step_idx, policy_state, optimizer_state, scheduler_state, train_state, metrics,
+                    started) -> None:
+    ckpt.write_checkpoint(run_dir, name, step_idx, policy_state, optimizer_state, scheduler_state, train_state, metrics, started)
+    if name.startswith("step-"):
+        ckpt.prune(run_dir, config.keep_last)
 
 
 def resume(path: Path, model, optimizer, scheduler, accelerator, run_dir: Path) -> TrainState:
     """Model, optimizer, scheduler, counters, data position and RNG of a checkpoint; in its own run_dir the logs are cut back
     to the checkpoint (see training/checkpoint.py), so the steps trained again are not logged twice."""
-    load_full_state(accelerator, model, optimizer, path / "policy.pt", path / "optimizer.pt")
+    if ckpt.is_sharded(path):  # any number of processes, any mode
+        load_sharded(model, optimizer, path / ckpt.RESUME_DIR)
+    else:
+        load_full_state(accelerator, model, optimizer, path / "policy.pt", path / "optimizer.pt")
     scheduler.load_state_dict(ckpt.load_archive(path / "scheduler.pt")["state"])
     saved = ckpt.load_train_state(path / "train_state.pt")
     ckpt.set_rng_state(saved.pop("rng"), accelerator.process_index)

@@ -2,14 +2,24 @@
 
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 ... tests/dist_scripts/forced_launch.py fsdp KEY=VALUE...
     ... forced_launch.py tp KEY=VALUE...
+    python tests/dist_scripts/forced_launch.py plain KEY=VALUE...      # the script's own accelerator, with the hooks below
+
+Hooks for the tests, by environment variable: DUMP_RESUMED=PATH writes the full model and optimizer state right after a
+resume; MEASURE_SAVE_MEMORY=1 records the main process's peak extra resident memory during each step-N save (with its
+background write) in {run_dir}/save_memory.json; SLOW_LATEST_WRITE=SECONDS makes writing LATEST/policy.pt that slow;
+BARRIER_AFTER_SAVE=1 puts back a barrier after each save (all processes wait for the main process's write).
 
 accelerate refuses both on CPU, so the Accelerator is built for CPU and its state switched afterwards (see
 shared/design/cpu-parallel.md); everything else is the real script. Real runs get these from the launch config on GPUs.
 Also writes {run_dir}/parallel.json (see record_wrapping) for the tests to check what was sharded.
 """
 
+import gc
 import json
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -21,6 +31,7 @@ from accelerate.utils import DistributedType  # noqa: E402
 
 import sft_train  # noqa: E402
 import training.loop  # noqa: E402
+from training import checkpoint as ckpt  # noqa: E402
 from training import distributed  # noqa: E402
 
 MODE = sys.argv[1]
@@ -59,7 +70,81 @@ def record_wrapping(save):
     return recording_save
 
 
-sft_train.build_accelerator = forced_accelerator
+def dumping_resume(resume):
+    def dump(path, model, optimizer, scheduler, accelerator, run_dir):
+        state = resume(path, model, optimizer, scheduler, accelerator, run_dir)
+        policy = distributed.full_model_state(accelerator, model)
+        optim = distributed.full_optimizer_state(accelerator, model, optimizer)
+        if accelerator.is_main_process:
+            torch.save({"policy": policy, "optimizer": optim}, os.environ["DUMP_RESUMED"])
+        return state
+
+    return dump
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measuring_save(save):
+    """Sample the resident memory every millisecond from the start of a step-N save until its write has finished."""
+
+    def measured(config, accelerator, model, optimizer, scheduler, state, run_dir, name):
+        if not (accelerator.is_main_process and name.startswith("step-")):
+            return save(config, accelerator, model, optimizer, scheduler, state, run_dir, name)
+        gc.collect()
+        start, peak, done = resident_bytes(), [0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], resident_bytes())
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            save(config, accelerator, model, optimizer, scheduler, state, run_dir, name)
+            ckpt.writer.wait()
+        finally:
+            done.set()
+            sampler.join()
+        path = Path(run_dir, "save_memory.json")
+        record = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**record, name: max(peak[0] - start, 0)}))
+
+    return measured
+
+
+def slow_latest(save_file, seconds):
+    def slow(obj, path):
+        if Path(path).name == "policy.pt" and Path(path).parent.name == ".tmp-LATEST":
+            time.sleep(seconds)
+        return save_file(obj, path)
+
+    return slow
+
+
+def barrier_after(save):
+    def save_and_wait(config, accelerator, *args, **kwargs):
+        save(config, accelerator, *args, **kwargs)
+        if accelerator.is_main_process:
+            ckpt.writer.wait()
+        accelerator.wait_for_everyone()
+
+    return save_and_wait
+
+
+if MODE != "plain":
+    sft_train.build_accelerator = forced_accelerator
+if os.environ.get("SLOW_LATEST_WRITE"):
+    ckpt.save_file = slow_latest(ckpt.save_file, float(os.environ["SLOW_LATEST_WRITE"]))
+if os.environ.get("BARRIER_AFTER_SAVE"):
+    training.loop.save = barrier_after(training.loop.save)
+if os.environ.get("MEASURE_SAVE_MEMORY"):
+    training.loop.save = measuring_save(training.loop.save)
+if os.environ.get("DUMP_RESUMED"):
+    training.loop.resume = dumping_resume(training.loop.resume)
 training.loop.save = record_wrapping(training.loop.save)  # the loop's checkpoint writer
 torch.set_num_threads(1)
 sft_train.main(sys.argv[2:])
