@@ -30,6 +30,8 @@ class MetricsLogger:
         self.enabled = enabled
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.wandb_run = wandb_run
+        # A resumed wandb run already holds the steps its first life logged (up to the crash): log only later ones.
+        self.wandb_from = wandb_run.step if wandb_run is not None and getattr(wandb_run, "resumed", False) else 0
         self.min_interval = min_interval
         self.last_print = float("-inf")
         self.progress: Progress | None = None
@@ -65,7 +67,7 @@ class MetricsLogger:
         if force or now - self.last_print >= self.min_interval:
             self.last_print = now
             console.print(f"[bold]{examples_seen:>8}[/bold] {format_metrics(metrics)}", highlight=False)
-            if self.wandb_run is not None:
+            if self.wandb_run is not None and examples_seen >= self.wandb_from:
                 self.wandb_run.log(metrics, step=examples_seen)
 
     def samples(self, rows: list[dict[str, Any]], examples_seen: int) -> None:
@@ -76,7 +78,7 @@ class MetricsLogger:
             with open(self.run_dir / "samples.jsonl", "a") as f:
                 for row in rows:
                     f.write(json.dumps({"examples_seen": examples_seen, **row}) + "\n")
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and examples_seen >= self.wandb_from:
             import wandb
 
             table = wandb.Table(columns=["step", "prompt", "sample"], data=[[examples_seen, r["prompt"], r["sample"]] for r in rows])

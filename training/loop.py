@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import random
+import shlex
 import signal
+import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -50,22 +54,34 @@ class TrainState:
     eval_metrics: dict | None = None
 
 
-class StopRequested:
-    """SIGTERM/SIGINT (or max_updates_this_run) ask the loop to finish the current step, save LATEST and exit cleanly."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal=USR1@600, sent ahead of the kill
 
-    def __init__(self, max_updates: int | None = None):
+
+class StopRequested:
+    """SIGTERM/SIGINT/SIGUSR1 (or max_updates_this_run) ask the loop to finish the current step, save LATEST and exit
+    cleanly; save_every_minutes asks for a LATEST on a timer (training goes on)."""
+
+    def __init__(self, max_updates: int | None = None, save_every_minutes: float | None = None):
         self.signal: int | None = None
         self.max_updates, self.updates = max_updates, 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.save_every = None if save_every_minutes is None else save_every_minutes * 60
+        self.last_save = time.monotonic()
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self.handle)
 
-    def after_update(self, accelerator) -> bool:
-        """Stop now? All processes agree, as a signal may reach only some of them (and saving is collective)."""
+    def after_update(self, accelerator) -> tuple[bool, bool]:
+        """(stop now, save LATEST now)? All processes agree, as a signal may reach only some of them, clocks differ, and
+        saving is collective."""
         self.updates += 1
         stop = self.signal is not None or self.updates == self.max_updates
+        due = self.save_every is not None and time.monotonic() - self.last_save >= self.save_every
         if accelerator.num_processes > 1:
-            stop = bool(accelerator.reduce(torch.tensor([int(stop)], device=accelerator.device), "sum").item())
-        return stop
+            stop, due = (bool(x) for x in accelerator.reduce(torch.tensor([int(stop), int(due)], device=accelerator.device),
+                                                             "sum").tolist())
+        return stop, due
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
 
     def handle(self, signum, frame):
         if self.signal is not None:  # a second Ctrl-C means now
@@ -76,13 +92,32 @@ class StopRequested:
 
 @contextlib.contextmanager
 def restored_signal_handlers():
-    """main() may be called from Python (tests, notebooks): give SIGTERM/SIGINT back their handlers afterwards."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    """main() may be called from Python (tests, notebooks): give the stop signals back their handlers afterwards."""
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def continue_command(script: str, run_dir: Path, parent_argv: list[str] | None = None) -> str:
+    """The shell command that continues this run the way it was started: under a launcher (accelerate launch, torchrun)
+    its own command line with its options, else `python SCRIPT`; then the run's saved config and resume_from=auto."""
+    words = ["python", script]
+    if os.environ.get("LOCAL_RANK") is not None:  # started by a launcher, which is our parent process
+        if parent_argv is None:
+            try:
+                parent_argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1]
+            except OSError:
+                parent_argv = []
+        ours = Path(sys.argv[0]).name
+        at = [i for i, word in enumerate(parent_argv) if Path(word).name == ours]
+        if at:
+            words = parent_argv[: at[0] + 1]
+            if len(words) > 1 and Path(words[0]).name.startswith("python") and Path(words[1]).name in ("accelerate", "torchrun"):
+                words = [Path(words[1]).name, *words[2:]]  # the console script rather than the interpreter running it
+    return shlex.join([*words, f"{run_dir}/config.yaml", f"run_dir={run_dir}", "resume_from=auto"])
 
 
 def build_optimizer(config: Config, model: torch.nn.Module):
@@ -130,27 +165,34 @@ def train(config: Config, accelerator, model, optimizer, scheduler, plans: Itera
     """
     interval = eval_interval(config)
     finished = config.n_examples is not None and state.examples_counted >= config.n_examples
-    stop = StopRequested(config.max_updates_this_run)
+    stop = StopRequested(config.max_updates_this_run, config.save_every_minutes)
     logger.start_progress(n_planned * config.batch_size, state.examples_seen)
     for plan in [] if finished else plans:
         if should_eval(config, state, interval):
             run_eval(evaluate, state, logger)
             if state.examples_seen > 0 and not config.debug:
                 save(config, accelerator, model, optimizer, scheduler, state, run_dir, f"step-{state.examples_seen}")
+                stop.saved()
         metrics = train_step(plan.indices)
         state.examples_seen += config.batch_size
         state.updates += 1
         state.epoch, state.offset, state.examples_counted = plan.epoch, plan.offset + config.batch_size, plan.examples_counted
         logger.log({**metrics, "counters/examples": state.examples_seen, "counters/updates": state.updates}, state.examples_seen)
         logger.advance(state.examples_seen)
-        if stop.after_update(accelerator):
+        stop_now, save_now = stop.after_update(accelerator)
+        if state.updates == n_planned:
+            continue  # the last update: finish normally (final eval, LATEST, export) whatever was asked
+        if stop_now:
             save(config, accelerator, model, optimizer, scheduler, state, run_dir, "LATEST")
             logger.close()
             if accelerator.is_main_process:
                 ckpt.writer.wait()
-                console.print(f"stopped at {state.examples_seen} examples; continue with: python {script} "
-                              f"{run_dir}/config.yaml run_dir={run_dir} resume_from=auto", soft_wrap=True, highlight=False)
+                console.print(f"stopped at {state.examples_seen} examples; continue with: {continue_command(script, run_dir)}",
+                              soft_wrap=True, highlight=False)
             return False
+        if save_now and not (should_eval(config, state, interval) and not config.debug):  # else step-N comes next anyway
+            save(config, accelerator, model, optimizer, scheduler, state, run_dir, "LATEST")
+            stop.saved()
     if state.updates == 0 and not finished:
         raise ValueError(f"no training batch: batch_size={config.batch_size} is more than the training examples")
     if state.last_eval != state.examples_seen:
@@ -289,5 +331,9 @@ def start_wandb(config: Config, run_dir: Path, accelerator):
         return None
     import wandb
 
+    # One wandb run per training run: its id lives in the run dir, and a resume into that dir continues the same wandb run.
+    id_file = Path(run_dir) / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id)
     return wandb.init(entity=config.wandb.entity, project=config.wandb.project, name=config.exp_name,
-                      config=asdict(config), dir=str(run_dir))
+                      config=asdict(config), dir=str(run_dir), id=run_id, resume="allow")
