@@ -6,7 +6,8 @@
     python sft_train.py recipes/demo.yaml run_dir=runs/demo resume_from=auto   # continue a stopped run
 
 Writes {run_dir}/config.yaml, metrics.jsonl, samples.jsonl, step-{N}/ after each eval and LATEST/ at the end, each checkpoint
-holding policy.pt, optimizer.pt and scheduler.pt ({"step_idx", "state", "metrics"}); LATEST/policy.pt is the input of DPO.
+holding policy.pt, optimizer.pt and scheduler.pt ({"step_idx", "state", "metrics"}; FSDP/TP: the sharded resume/ state instead
+of optimizer.pt); LATEST/policy.pt is the input of DPO.
 """
 
 from __future__ import annotations

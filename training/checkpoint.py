@@ -2,7 +2,9 @@
 
 A checkpoint directory (`step-{N}/` or `LATEST/`) holds `policy.pt`, `optimizer.pt` and `scheduler.pt`, each a dict
 `{"step_idx": N, "state": <state_dict>, "metrics": <eval metrics>}` (the reference's format; `policy.pt` is the input of DPO),
-plus `train_state.pt` (counters, data position, RNG states) for resume and a `complete` marker written last.
+plus `train_state.pt` (counters, data position, RNG states) for resume and a `complete` marker written last. FSDP/TP runs
+write `resume/` instead of `optimizer.pt`: the model and optimizer shards of every process (torch.distributed.checkpoint),
+which load under any number of processes; `optimizer.pt` is then written only with save_full_optimizer.
 Everything is written into a temporary directory that is renamed into place, so a directory without `complete` never appears
 under a final name; replacing `LATEST` moves the old one aside first and `recover` puts it back after a crash between the two
 renames, so a kill at any moment leaves a loadable LATEST. All files load with `torch.load(weights_only=True)`.

@@ -10,13 +10,16 @@ to the recipe and gives sft_train.py one call per concern:
     rank, size = data_parallel(accelerator)              # processes that see different examples ((0, 1) under pure TP)
     state = full_model_state(accelerator, model)         # every process calls; the main process gets the full CPU state
     optim = full_optimizer_state(accelerator, model, optimizer)
-    load_full_state(accelerator, model, optimizer, policy_path, optimizer_path)   # resume
+    save_sharded(model, optimizer, path)                 # FSDP/TP resume state: every process writes its own shards
+    load_sharded(model, optimizer, path)                 # resume from it, any number of processes
+    load_full_state(accelerator, model, optimizer, policy_path, optimizer_path)   # resume from full files
 
 Modes (`parallel_mode`): "single" (one process, optionally model.device_map=balanced over its GPUs), "ddp" (several
 processes, whole model each), "fsdp" (the launch config's distributed_type FSDP, version 2), "tp" (the launch config's
 parallelism_config tp_size equal to the number of processes; every process sees the same batch).
-Checkpoints are the same in every mode: policy.pt holds the unwrapped model's keys, optimizer.pt torch's own
-`optimizer.state_dict()` layout (integer parameter ids), so a run saved under one mode resumes under another.
+policy.pt is the same in every mode: the unwrapped model's keys. The resume state is optimizer.pt (torch's own
+`optimizer.state_dict()` layout, integer parameter ids) for one process and DDP, and the sharded `save_sharded` state under
+FSDP/TP; both load under any mode and number of processes (`load_full_state`, `load_sharded`).
 The script never reads RANK itself.
 """
 
