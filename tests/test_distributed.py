@@ -383,6 +383,16 @@ def test_sharded_resume_state_from_2_processes_resumes_bit_exactly_on_1(fsdp_run
 
 
 @pytest.mark.slow
+def test_a_full_checkpoint_of_one_process_resumes_under_fsdp2(runs, tmp_path):
+    checkpoint = runs["1proc"] / "step-8"  # the full layout (policy.pt + optimizer.pt), as all checkpoints used to be
+    assert not ckpt.is_sharded(checkpoint)
+    run_dir = launch(runs["tmp"], tmp_path / "run", runs["model"], "fsdp", f"resume_from={checkpoint}",
+                     env={"DUMP_RESUMED": str(tmp_path / "resumed.pt")})
+    assert_resumed_exactly(tmp_path / "resumed.pt", checkpoint)
+    assert metrics(run_dir)[0]["loss/train"] == pytest.approx(metrics(runs["1proc"])[4]["loss/train"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_fsdp2_resumes_from_its_checkpoint_with_activation_checkpointing(fsdp_run, runs):
     dump = runs["tmp"] / "fsdp-resumed.pt"
     resumed = launch(runs["tmp"], runs["tmp"] / "fsdp-resumed", runs["model"], "fsdp", "save_full_optimizer=true",
