@@ -104,3 +104,54 @@ def test_one_wandb_run_per_training_run(monkeypatch, tmp_path):
     for step in (8, 12, 16):
         logger.log({"loss/train": 1.0}, step)
     assert run.logged == [16]
+
+
+def descendants(root: int) -> list[int]:
+    """Pids of all processes below `root` (torchrun starts the training processes in sessions of their own)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, ppid in parents.items() if ppid in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.mark.slow
+def test_sigusr1_under_accelerate_launch_saves_exits_0_and_prints_the_launch_command(tiny):
+    """SLURM's --signal=USR1@600 reaches every process of the step. The launcher runs with USR1 ignored (the README's
+    `trap '' USR1; exec accelerate launch ...`); the 2 training processes stop, save LATEST and exit 0, and so does it."""
+    import shlex
+    import subprocess
+    import time
+
+    from tests.tiny import REPO
+    from training import checkpoint as ckpt
+
+    run_dir = tiny[0] / "usr1"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml"]
+    cli = [*launcher, "sft_train.py", *args(tiny, run_dir, n_epochs=50, eval_every=10_000, do_first_eval=False)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
+    with open(tiny[0] / "usr1.out", "w") as out:
+        proc = subprocess.Popen(cli, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+        deadline = time.monotonic() + 240
+        while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tiny[0] / "usr1.out").read_text()[-3000:]
+            time.sleep(0.05)
+        for pid in [proc.pid, *descendants(proc.pid)]:  # every process of the step, as slurmstepd signals them
+            os.kill(pid, signal.SIGUSR1)
+        assert proc.wait(120) == 0, (tiny[0] / "usr1.out").read_text()[-3000:]
+    output = (tiny[0] / "usr1.out").read_text()
+    assert "received SIGUSR1" in output
+    (line,) = [x for x in output.splitlines() if "continue with: " in x]
+    stopped = int(line.split("stopped at ")[1].split()[0])
+    assert 0 < stopped < 200 and ckpt.load_archive(run_dir / "LATEST" / "policy.pt")["step_idx"] == stopped
+    assert shlex.split(line.split("continue with: ")[1]) == \
+        [*launcher, "sft_train.py", f"{run_dir}/config.yaml", f"run_dir={run_dir}", "resume_from=auto"]
