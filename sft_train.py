@@ -32,12 +32,12 @@ from modeling.loss import sequence_nll
 from training import checkpoint as ckpt
 from training.config import cache_dir, load_config, normalize_data_files, validate
 from training.distributed import (build_accelerator, check_setup, data_first, data_parallel, gather_dp, model_load_kwargs,
-                                  prepare_model, raise_open_file_limit, synced_generate)
+                                  parallel_mode, prepare_model, raise_open_file_limit, set_matmul_precision, synced_generate)
 from training.logger import MetricsLogger
 from training.loop import (build_optimizer, gather_order, micro_batches, no_sync_unless_last, optimizer_step, prepare_run_dir,
                            raise_if_not_finite, restored_signal_handlers, save, start_state, start_wandb, train)
 from training.plots import plot_run_or_warn
-from training.throughput import step_throughput
+from training.throughput import ModelFlops, compute_dtype, device_peak_flops, model_flops, step_throughput, synchronize
 
 log = logging.getLogger("sft")
 
@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator = build_accelerator(config)
     validate(config, data_parallel(accelerator)[1])
     check_setup(config, accelerator)  # FSDP block name, TP plan, device_map: fail before loading anything
-    if note := raise_open_file_limit(accelerator):
-        log.info(note)
+    for note in (raise_open_file_limit(accelerator), set_matmul_precision(config, accelerator.device)):
+        if note:
+            log.info(note)
     data_files = normalize_data_files(config.data_files, config.datasets, log.warning)
     with accelerator.main_process_first():  # only the main process repairs a LATEST left between two renames by a crash
         resume_dir = ckpt.resolve_resume(config.resume_from, config.run_dir) if config.resume_from else None
@@ -74,8 +75,10 @@ def main(argv: list[str] | None = None) -> Path:
     logger = MetricsLogger(run_dir, start_wandb(config, run_dir, accelerator), config.minimum_log_interval_secs,
                            enabled=accelerator.is_main_process)
     plans, n_planned = run_plan(config, train_data, state.epoch, state.offset)
+    peak = device_peak_flops(accelerator.device, compute_dtype(config.model.policy_dtype, config.model.fsdp_policy_mp,
+                                                               parallel_mode(accelerator) == "fsdp", config.allow_tf32))
     step = functools.partial(train_step, config, accelerator, model, optimizer, scheduler, train_data, tokenizer.pad_token_id,
-                             state, run_dir)
+                             state, run_dir, flops=model_flops(accelerator.unwrap_model(model)), peak_flops=peak)
     evaluate_now = functools.partial(evaluate, config, accelerator, model, tokenizer, eval_data, eval_plan(config, len(eval_data)),
                                      state, logger)
     with restored_signal_handlers():
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> Path:
     return run_dir
 
 
-def train_step(config, accelerator, model, optimizer, scheduler, train_data, pad_id, state, run_dir, indices) -> dict:
+def train_step(config, accelerator, model, optimizer, scheduler, train_data, pad_id, state, run_dir, indices, *,
+               flops: ModelFlops | None = None, peak_flops: float | None = None) -> dict:
     """One optimizer step over the global batch; see modeling/loss.py for why each micro-batch loss is scaled by W / D."""
     examples = [train_data[i] for i in indices]
     world = data_parallel(accelerator)[1]
@@ -95,6 +99,7 @@ def train_step(config, accelerator, model, optimizer, scheduler, train_data, pad
     n_tokens = sum(e["n_supervised"] for e in examples)
     denominator = len(examples) if config.loss.normalize == "example" else n_tokens
     lr = scheduler.get_last_lr()[0]
+    synchronize(accelerator.device)
     start = time.perf_counter()
     model.train()
     nll_sums = []
@@ -108,6 +113,7 @@ def train_step(config, accelerator, model, optimizer, scheduler, train_data, pad
     nll = gather_dp(accelerator, torch.cat(nll_sums)).float()
     raise_if_not_finite(nll, [e["example_id"] for e in examples], gather_order(len(examples), accelerator, ga), state, run_dir)
     grad_norm = optimizer_step(config, accelerator, model, optimizer, scheduler)
+    synchronize(accelerator.device)  # the optimizer's kernels are part of the step
     elapsed = time.perf_counter() - start
     loss = nll.mean().item()
     local = len(examples) // ga // world
@@ -120,8 +126,18 @@ def train_step(config, accelerator, model, optimizer, scheduler, train_data, pad
         "nll_per_token/train": nll.sum().item() / n_tokens,
         "grad_norm": grad_norm,
         "lr": lr,
-        **step_throughput(examples, positions, elapsed, model, accelerator.device, world),
+        **step_throughput(examples, positions, elapsed, accelerator.device, step_flops=step_flops(config, flops, examples),
+                          n_devices=accelerator.num_processes, peak_flops=peak_flops),
     }
+
+
+def step_flops(config, flops: ModelFlops | None, examples: list[dict]) -> float | None:
+    """Model FLOPs of the step (training/throughput.py): the LM head ran at supervised positions only, or at every token."""
+    if flops is None:
+        return None
+    lengths = [len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples]
+    head_positions = sum(e["n_supervised"] for e in examples) if config.loss.supervised_logits_only else sum(lengths)
+    return flops.step(lengths, head_positions)
 
 
 @torch.no_grad()

@@ -192,10 +192,11 @@ def test_optimizer_state_converts_between_parameter_names_and_ids():
     assert list(back["state"]) == [0, 1, 2, 3] and all(back["state"][i] is by_id["state"][i] for i in range(4))
 
 
-def test_prepare_model_casts_buffers_for_fsdp_mixed_precision_and_checkpoints_blocks_otherwise(tiny_llama):
+def test_prepare_model_keeps_buffers_float32_under_fsdp_mixed_precision_and_checkpoints_blocks_otherwise(tiny_llama):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
     prepare_model(config_for(tiny_llama, fsdp_policy_mp="bfloat16"), fake_accelerator("fsdp"), model)
-    assert {b.dtype for b in model.buffers()} == {torch.bfloat16}
+    assert {name: b.dtype for name, b in model.named_buffers()} == \
+        {"model.rotary_emb.inv_freq": torch.float32, "model.rotary_emb.original_inv_freq": torch.float32}
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # master weights stay in policy_dtype
     config = config_for(tiny_llama)
     config.activation_checkpointing = True
@@ -438,3 +439,30 @@ def test_sharded_save_holds_one_full_copy_on_rank_0_and_no_process_waits_for_its
 
     output = launch(runs["tmp"], tmp_path / "old", model, "fsdp", *extra, env={**env, "BARRIER_AFTER_SAVE": "1"}, ok=False)
     assert "timed out" in output.lower() or "timeout" in output.lower(), output[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_keeps_positions_exact_up_to_max_length(tmp_path):
+    """Forced FSDP2, model.fsdp_policy_mp=bfloat16, Llama and GPT-NeoX (partial rotary): buffers stay float32 on every
+    process, the rotary cos at position max_length - 1 is exact to float32, and the logits at all 512 positions are those of
+    bf16 compute (weights rounded to bf16, buffers float32), so within bf16 noise of the float32 model late as early."""
+    from tests.tiny import tiny_model_dir
+
+    dirs = [tiny_model_dir(tmp_path / "llama", hidden=128), tiny_model_dir(tmp_path / "neox", arch="gpt_neox", hidden=128)]
+    out = tmp_path / "positions.json"
+    fsdp_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+    result = run([*LAUNCH_2, str(REPO / "tests" / "dist_scripts" / "bf16_positions.py"), str(out), *map(str, dirs)], tmp_path,
+                 **fsdp_env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    results = json.loads(out.read_text())
+    assert set(results) == {"llama", "gpt_neox"}
+    for arch, r in results.items():
+        prefix = "model" if arch == "llama" else "gpt_neox"
+        assert r["buffers"] == [{f"{prefix}.rotary_emb.inv_freq": "torch.float32",
+                                 f"{prefix}.rotary_emb.original_inv_freq": "torch.float32"}] * 2, arch
+        assert r["logits_dtype"] == "torch.bfloat16", arch  # compute is bf16 as the policy says
+        assert r["cos_error"] < 1e-4, arch  # bf16 inv_freq: 0.17 (Llama) and 0.09 (GPT-NeoX) here
+        assert r["fsdp_vs_plain"] < 1e-2, arch  # 0.89 and 0.22 with bf16 buffers
+        last = slice(3 * len(r["fsdp_error"]) // 4, None)
+        fsdp, plain = (sum(r[k][last]) / len(r[k][last]) for k in ("fsdp_error", "plain_bf16_error"))
+        assert fsdp <= 1.1 * plain + 1e-6, (arch, fsdp, plain)  # 3.4x (Llama) and 1.7x (GPT-NeoX) with bf16 buffers

@@ -9,6 +9,7 @@ comes from autograd on an independent formula: each example forwarded alone, L =
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,53 @@ def test_two_processes_schedule_loss_and_samples(tiny):
         assert len({tuple(ids) for ids in by_eval.values()}) == 1  # the same prompts every time
     assert [json.loads(x)["example_id"] for x in (one / "samples.jsonl").read_text().splitlines()] == \
         [json.loads(x)["example_id"] for x in (two / "samples.jsonl").read_text().splitlines()]
+
+
+def run_forced_fsdp(*argvs: list[str]) -> None:
+    """sft_train.main under forced FSDP2 (tests/forcing.py); after every backward that is not a step's last, each process
+    writes what it holds of the gradients to {run_dir}/grads-{rank}.json."""
+    from tests.forcing import forced_accelerator, gradient_bytes
+
+    os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+
+    def build(config):
+        accelerator = forced_accelerator("fsdp", config)
+        backward, calls, held = accelerator.backward, [], []
+
+        def recording_backward(loss, **kwargs):
+            backward(loss, **kwargs)
+            calls.append(1)
+            if len(calls) % config.gradient_accumulation_steps:  # not the step's last micro-batch
+                held.append(gradient_bytes(accelerator._models[-1]))
+                Path(config.run_dir, f"grads-{accelerator.process_index}.json").write_text(json.dumps(held))
+
+        accelerator.backward = recording_backward
+        return accelerator
+
+    sft_train.build_accelerator = build  # this process is a fork: the patch ends with it
+    run_main(*argvs)
+
+
+@pytest.mark.slow
+def test_fsdp2_accumulates_sharded_fp32_gradients_and_steps_as_the_formula(tiny):
+    """2 processes x 2 micro-batches under forced FSDP2, in float32 and with fsdp_policy_mp=bfloat16: after the first
+    micro-batch no process holds an unsharded gradient, only its float32 shard (half the model); the update equals the
+    formula's (float32 to 1e-5 of its size, bf16 within bf16 tolerance)."""
+    root, _, train, test = tiny
+    untied = (root, tiny_model_dir(root / "model-untied", tied=False), train, test)  # FSDP2 units hold untied weights
+    fsdp = dict(model__block_name="LlamaDecoderLayer")
+    debug_launcher(run_forced_fsdp, num_processes=2, args=(
+        one_step_args(untied, "fsdp-fp32", "token", 2, **fsdp),
+        one_step_args(untied, "fsdp-bf16", "token", 2, model__fsdp_policy_mp="bfloat16", **fsdp),
+    ))
+    loss, w0, w1 = expected_step(untied, "token")
+    n_params = sum(v.numel() for v in w0.values() if v.is_floating_point())
+    for run, tolerance in (("fsdp-fp32", 1e-5), ("fsdp-bf16", 3e-2)):
+        (step,) = train_records(root / run)
+        assert step["loss/train"] == pytest.approx(loss, rel=tolerance / 3), run
+        assert relative_gap(weights(root / run), w1, w0) < tolerance, run
+        for rank in (0, 1):
+            (held,) = json.loads((root / run / f"grads-{rank}.json").read_text())
+            assert held["unsharded_bytes"] == 0, (run, rank, held)
+            assert held["sharded_dtypes"] == ["torch.float32"], (run, rank, held)
+            assert held["full_numel"] == n_params and held["sharded_bytes"] <= 4 * (n_params // 2 + 1024), (run, rank, held)

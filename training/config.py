@@ -172,6 +172,9 @@ class Config:
     this-many, as the saved config.yaml keeps the value). For clusters with job time limits; order and schedule are unchanged."""
     debug: bool = False
     """Debug mode: no wandb, no step-N checkpoints (LATEST is still written)."""
+    allow_tf32: bool = True
+    """float32 matmuls on Ampere or newer GPUs use TF32 tensor cores (10-bit mantissa inputs, float32 accumulation); false
+    keeps full float32. Logged at start; no effect on bf16 compute or on CPU."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (non-reentrant); with FSDP."""
     export: bool = True

@@ -183,6 +183,7 @@ def check_setup(config: Config, accelerator: Accelerator) -> None:
     """Combinations of recipe and launch config that cannot work, reported before any data or weights are loaded."""
     mode, n = parallel_mode(accelerator), accelerator.num_processes
     m = config.model
+    check_precision(config, accelerator)
     if m.device_map is not None:
         if n > 1 or mode != "single":
             raise ConfigError(f"model.device_map={m.device_map} spreads ONE process over all visible GPUs; this launch has "
@@ -206,6 +207,35 @@ def check_setup(config: Config, accelerator: Accelerator) -> None:
                               "use FSDP (accelerate_configs/fsdp_8gpu.yaml) or DDP for it")
 
 
+def check_precision(config: Config, accelerator: Accelerator) -> None:
+    """Precision comes from the recipe alone: a launcher mixed_precision would add autocast on top of it (and change the
+    losses without a word), and float16 has no CPU kernels for much of the model."""
+    launcher = getattr(accelerator, "mixed_precision", "no")
+    if launcher != "no":
+        raise ConfigError(f"the launcher asks for mixed_precision={launcher} (accelerate config file or --mixed_precision); "
+                          "precision is set by the recipe here: model.policy_dtype (weights and optimizer state) and "
+                          "model.fsdp_policy_mp (FSDP compute and reduction, e.g. bfloat16). Launch with --mixed_precision no")
+    device = getattr(accelerator, "device", None)
+    if device is not None and device.type == "cpu":
+        for key in ("policy_dtype", "fsdp_policy_mp"):
+            if getattr(config.model, key) == "float16":
+                raise ConfigError(f"model.{key}=float16 on CPU: use float32 or bfloat16 there (float16 needs a GPU)")
+
+
+def set_matmul_precision(config: Config, device: torch.device, capability: tuple[int, int] | None = None) -> str | None:
+    """float32 matmuls on TF32 tensor cores on Ampere or newer (torch's default is full float32) unless allow_tf32=false.
+    Returns the line to log; None where TF32 does not exist (CPU, older GPUs)."""
+    if device.type != "cuda":
+        return None
+    capability = capability or torch.cuda.get_device_capability(device)
+    if capability < (8, 0):
+        return None
+    torch.set_float32_matmul_precision("high" if config.allow_tf32 else "highest")
+    if config.allow_tf32:
+        return "float32 matmuls use TF32 tensor cores (allow_tf32=true; allow_tf32=false keeps full float32)"
+    return "float32 matmuls in full float32 (allow_tf32=false)"
+
+
 def model_load_kwargs(config: Config, accelerator: Accelerator) -> dict:
     """Extra from_pretrained arguments: layers over GPUs (device_map) or the TP plan on all processes."""
     if config.model.device_map is not None:
@@ -218,15 +248,14 @@ def model_load_kwargs(config: Config, accelerator: Accelerator) -> dict:
 
 
 def prepare_model(config: Config, accelerator: Accelerator, model: torch.nn.Module) -> None:
-    """What must happen to the loaded model before accelerator.prepare."""
+    """What must happen to the loaded model before accelerator.prepare.
+
+    Buffers are left as loaded, in float32: FSDP2's mixed precision casts only the gathered parameters (and the blocks'
+    floating inputs) to model.fsdp_policy_mp. Casting buffers too would round rotary `inv_freq` to bf16, and
+    `position * inv_freq` would then drift with position (cos error 0.6 at position 511); transformers computes rotary
+    angles (and GPT-J's sin/cos table lookups) in float32 and casts the result to the activations' dtype itself.
+    """
     mode = parallel_mode(accelerator)
-    if mode == "fsdp" and config.model.fsdp_policy_mp:
-        # FSDP2 leaves buffers alone; cast them as the reference's FSDP mixed precision did (buffer_dtype).
-        dtype = getattr(torch, config.model.fsdp_policy_mp)
-        for module in model.modules():
-            for name, buffer in module.named_buffers(recurse=False):
-                if buffer.is_floating_point():
-                    module._buffers[name] = buffer.to(dtype)
     if config.activation_checkpointing and mode != "fsdp":  # FSDP applies it per block through the plugin
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 

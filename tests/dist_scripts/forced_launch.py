@@ -9,8 +9,8 @@ resume; MEASURE_SAVE_MEMORY=1 records the main process's peak extra resident mem
 background write) in {run_dir}/save_memory.json; SLOW_LATEST_WRITE=SECONDS makes writing LATEST/policy.pt that slow;
 BARRIER_AFTER_SAVE=1 puts back a barrier after each save (all processes wait for the main process's write).
 
-accelerate refuses both on CPU, so the Accelerator is built for CPU and its state switched afterwards (see
-shared/design/cpu-parallel.md); everything else is the real script. Real runs get these from the launch config on GPUs.
+accelerate refuses both on CPU, so the Accelerator is built for CPU and its state switched afterwards (tests/forcing.py);
+everything else is the real script. Real runs get these from the launch config on GPUs.
 Also writes {run_dir}/parallel.json (see record_wrapping) for the tests to check what was sharded.
 """
 
@@ -25,31 +25,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
-from accelerate import Accelerator, PartialState  # noqa: E402
-from accelerate.parallelism_config import ParallelismConfig  # noqa: E402
-from accelerate.utils import DistributedType  # noqa: E402
 
 import sft_train  # noqa: E402
 import training.loop  # noqa: E402
+from tests.forcing import forced_accelerator  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
 from training import distributed  # noqa: E402
 
 MODE = sys.argv[1]
-
-
-def forced_accelerator(config):
-    accelerator = Accelerator(cpu=True, step_scheduler_with_optimizer=False, kwargs_handlers=[distributed.process_group_kwargs(config)])
-    state = accelerator.state
-    if MODE == "fsdp":
-        state.fsdp_plugin = distributed.fsdp_plugin(config)
-        state.distributed_type = DistributedType.FSDP
-        # Without this, a later AcceleratorState() copies MULTI_CPU back from the shared state.
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    elif MODE == "tp":
-        pc = ParallelismConfig(tp_size=accelerator.num_processes)
-        state.parallelism_config = pc
-        state.device_mesh = pc.get_device_mesh("cpu")
-    return accelerator
 
 
 def record_wrapping(save):
@@ -136,7 +119,7 @@ def barrier_after(save):
 
 
 if MODE != "plain":
-    sft_train.build_accelerator = forced_accelerator
+    sft_train.build_accelerator = lambda config: forced_accelerator(MODE, config)
 if os.environ.get("SLOW_LATEST_WRITE"):
     ckpt.save_file = slow_latest(ckpt.save_file, float(os.environ["SLOW_LATEST_WRITE"]))
 if os.environ.get("BARRIER_AFTER_SAVE"):
