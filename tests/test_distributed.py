@@ -228,7 +228,9 @@ def test_the_process_group_gets_the_configured_time_out():
     assert build_config({"exp_name": "x"}).dist_timeout_minutes == 60  # not NCCL's 10 minutes
 
 
-def test_data_is_prepared_once_per_node_on_node_local_disk_and_once_in_all_on_shared_storage(tmp_path):
+def test_data_is_prepared_once_per_node_on_node_local_disk_and_once_in_all_on_shared_storage(tmp_path, monkeypatch):
+    import datetime
+
     from training.distributed import data_first, on_shared_storage
 
     mounts = "/dev/sda1 / ext4 rw 0 0\nhome:/export /home nfs4 rw 0 0\n/dev/nvme0 /scr-ssd xfs rw 0 0\n" \
@@ -238,13 +240,23 @@ def test_data_is_prepared_once_per_node_on_node_local_disk_and_once_in_all_on_sh
     assert on_shared_storage("/lustre/alice", mounts) and on_shared_storage("/mnt/fuse/x", mounts)
     assert not on_shared_storage("/homework", mounts)  # a prefix of the name is not a mount point above it
 
-    calls = []
-    accelerator = SimpleNamespace(local_main_process_first=lambda: calls.append("local") or "local ctx",
-                                  main_process_first=lambda: calls.append("global") or "global ctx")
-    assert data_first(accelerator, tmp_path, node_local=True) == "local ctx"
-    assert data_first(accelerator, tmp_path, node_local=False) == "global ctx"
-    data_first(accelerator, tmp_path / "new", node_local=None)  # detected from this machine's mounts
-    assert calls[:2] == ["local", "global"] and len(calls) == 3
+    waits = []
+    for local_rank, rank in ((0, 0), (0, 8), (3, 11)):  # node 0's first, node 1's first, another process of node 1
+        accelerator = SimpleNamespace(num_processes=16, is_local_main_process=local_rank == 0, is_main_process=rank == 0)
+        for node_local in (True, False):
+            with monkeypatch.context() as m:
+                m.setattr(torch.distributed, "new_group", lambda **kw: kw)
+                m.setattr(torch.distributed, "barrier", lambda group: waits.append(("barrier", group["timeout"])))
+                m.setattr(torch.distributed, "destroy_process_group", lambda group: None)
+                with data_first(accelerator, tmp_path, node_local):
+                    waits.append(("prepare", rank, node_local))
+    day = datetime.timedelta(days=1)
+    # the first process of a cache prepares, then releases the others; they wait first (in a gloo group, for up to a day)
+    assert waits == [("prepare", 0, True), ("barrier", day), ("prepare", 0, False), ("barrier", day),
+                     ("prepare", 8, True), ("barrier", day), ("barrier", day), ("prepare", 8, False),
+                     ("barrier", day), ("prepare", 11, True), ("barrier", day), ("prepare", 11, False)]
+    with data_first(SimpleNamespace(num_processes=1, is_local_main_process=True, is_main_process=True), tmp_path / "new", None):
+        pass  # one process: no group; the file system type is detected from this machine's mounts
 
 
 def test_the_cache_is_per_user_under_the_local_dir(tmp_path, monkeypatch):
@@ -422,14 +434,15 @@ def test_tensor_parallel_two_processes_match_one_process(runs):
 def test_sharded_save_holds_one_full_copy_on_rank_0_and_no_process_waits_for_its_write(runs, tmp_path):
     """A 2.8M-parameter model (11 MB in fp32, AdamW state 22 MB more) under FSDP2 on 2 processes. During the step-4 save the
     main process's resident memory grows by about one full copy of the weights: the gathered policy.pt (before: the full
-    model plus the full optimizer state, 3 copies). With a 6 s process-group time-out and a LATEST/policy.pt write that
-    takes 15 s, the run finishes: no process waits in a collective for the main process's write. With a barrier after each
-    save (how saving used to end) the same run dies of the time-out."""
+    model plus the full optimizer state, 3 copies). With a 6 s process-group time-out, data preparation on the main process
+    that takes 10 s longer and a LATEST/policy.pt write that takes 15 s, the run finishes: no process waits in a training
+    collective for the main process's work. With a barrier after each save (how saving used to end) the same run dies of
+    the time-out."""
     model = make_tiny_llama(tmp_path / "model", hidden=256, layers=4)
     model_bytes = sum(t.numel() * t.element_size() for t in transformers.AutoModelForCausalLM.from_pretrained(model).state_dict().values())
     extra = ("n_examples=8", "eval_every=4", "sample_during_eval=false", "dist_timeout_minutes=0.1")
     env = {"MALLOC_MMAP_THRESHOLD_": "65536",  # large blocks go back to the system when freed, so RSS follows live memory
-           "SLOW_LATEST_WRITE": "15"}
+           "SLOW_LATEST_WRITE": "15", "SLOW_DATA": "10"}
     run_dir = launch(runs["tmp"], tmp_path / "run", model, "fsdp", *extra, env={**env, "MEASURE_SAVE_MEMORY": "1"})
     peak = json.loads((run_dir / "save_memory.json").read_text())["step-4"]
     print(f"model {model_bytes / 2**20:.1f} MiB; peak extra resident memory of rank 0 during the step-4 save {peak / 2**20:.1f} MiB")

@@ -25,6 +25,7 @@ The script never reads RANK itself.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import resource
@@ -111,16 +112,34 @@ def on_shared_storage(path: str | Path, mounts: str | None = None) -> bool:
     return fstype.split(".")[0] in SHARED_FILESYSTEMS
 
 
+DATA_WAIT = datetime.timedelta(days=1)  # how long processes wait for another one to prepare the data
+
+
+@contextlib.contextmanager
 def data_first(accelerator: Accelerator, cache: str | Path, node_local: bool | None):
     """The context in which data is prepared: one process per cache goes first and fills it, the others then read it.
 
     A cache on storage that all nodes share is filled by the main process; a node-local cache (/scr-ssd) by each node's
-    local main process, so the other nodes do not tokenize concurrently behind the global main process.
+    local main process, so the other nodes do not tokenize concurrently behind the global main process. The others wait in
+    a barrier of a separate gloo group with a time-out of DATA_WAIT, not in one of the training collectives, whose time-out
+    (dist_timeout_minutes) is meant for a hang, not for hours of HTML cleaning.
     """
     if node_local is None:
         Path(cache).mkdir(parents=True, exist_ok=True)
         node_local = not on_shared_storage(cache)
-    return accelerator.local_main_process_first() if node_local else accelerator.main_process_first()
+    first = accelerator.is_local_main_process if node_local else accelerator.is_main_process
+    group = None
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        group = dist.new_group(backend="gloo", timeout=DATA_WAIT)
+    if group is not None and not first:
+        torch.distributed.barrier(group=group)
+    yield
+    if group is not None:
+        if first:
+            torch.distributed.barrier(group=group)
+        torch.distributed.destroy_process_group(group)
 
 
 def tp_size(accelerator: Accelerator) -> int:

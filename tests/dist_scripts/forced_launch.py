@@ -5,9 +5,11 @@
     python tests/dist_scripts/forced_launch.py plain KEY=VALUE...      # the script's own accelerator, with the hooks below
 
 Hooks for the tests, by environment variable: DUMP_RESUMED=PATH writes the full model and optimizer state right after a
-resume; MEASURE_SAVE_MEMORY=1 records the main process's peak extra resident memory during each step-N save (with its
-background write) in {run_dir}/save_memory.json; SLOW_LATEST_WRITE=SECONDS makes writing LATEST/policy.pt that slow;
-BARRIER_AFTER_SAVE=1 puts back a barrier after each save (all processes wait for the main process's write).
+resume; SLOW_DATA=SECONDS makes the main process prepare the data that much slower (OLD_DATA_WAIT=1: behind accelerate's
+main_process_first, a barrier of the training process group); MEASURE_SAVE_MEMORY=1 records the main process's peak extra
+resident memory during each step-N save (with its background write) in {run_dir}/save_memory.json;
+SLOW_LATEST_WRITE=SECONDS makes writing LATEST/policy.pt that slow; BARRIER_AFTER_SAVE=1 puts back a barrier after each
+save (all processes wait for the main process's write).
 
 accelerate refuses both on CPU, so the Accelerator is built for CPU and its state switched afterwards (tests/forcing.py);
 everything else is the real script. Real runs get these from the launch config on GPUs.
@@ -118,8 +120,25 @@ def barrier_after(save):
     return save_and_wait
 
 
+def slow_first_split(build_split, seconds):
+    """The main process takes `seconds` longer to prepare the data (RANK is read here, in test code only)."""
+    calls = []
+
+    def slow(*args, **kwargs):
+        if os.environ.get("RANK") == "0" and not calls:
+            time.sleep(seconds)
+        calls.append(1)
+        return build_split(*args, **kwargs)
+
+    return slow
+
+
 if MODE != "plain":
     sft_train.build_accelerator = lambda config: forced_accelerator(MODE, config)
+if os.environ.get("SLOW_DATA"):
+    sft_train.build_split = slow_first_split(sft_train.build_split, float(os.environ["SLOW_DATA"]))
+if os.environ.get("OLD_DATA_WAIT"):
+    sft_train.data_first = lambda accelerator, cache, node_local: accelerator.main_process_first()
 if os.environ.get("SLOW_LATEST_WRITE"):
     ckpt.save_file = slow_latest(ckpt.save_file, float(os.environ["SLOW_LATEST_WRITE"]))
 if os.environ.get("BARRIER_AFTER_SAVE"):
