@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object
-
 from data.batches import collate_prompts, eval_plan, run_plan
 from data.packing import collate_batch, tensor_tokens, to_device
 from data.sft import build_split
@@ -30,11 +27,11 @@ from modeling.export import finish_run
 from modeling.load import load_model, load_tokenizer
 from modeling.loss import sequence_nll
 from training import checkpoint as ckpt
-from training.config import cache_dir, load_config, normalize_data_files, validate
+from training.config import cache_dir, check_stage, load_config, normalize_data_files, validate
 from training.distributed import (build_accelerator, check_setup, data_first, data_parallel, gather_dp, model_load_kwargs,
-                                  parallel_mode, prepare_model, raise_open_file_limit, set_matmul_precision, synced_generate)
+                                  parallel_mode, prepare_model, raise_open_file_limit, set_matmul_precision)
 from training.logger import MetricsLogger
-from training.loop import (build_optimizer, gather_order, micro_batches, no_sync_unless_last, optimizer_step, prepare_run_dir,
+from training.loop import (build_optimizer, gather_order, generate_samples, micro_batches, no_sync_unless_last, optimizer_step, prepare_run_dir,
                            raise_if_not_finite, restored_signal_handlers, save, start_state, start_wandb, train)
 from training.plots import plot_run_or_warn
 from training.throughput import ModelFlops, compute_dtype, device_peak_flops, model_flops, step_throughput, synchronize
@@ -47,6 +44,7 @@ def main(argv: list[str] | None = None) -> Path:
     config = load_config(sys.argv[1:] if argv is None else argv)
     accelerator = build_accelerator(config)
     validate(config, data_parallel(accelerator)[1])
+    check_stage(config, "sft_train.py")
     check_setup(config, accelerator)  # FSDP block name, TP plan, device_map: fail before loading anything
     for note in (raise_open_file_limit(accelerator), set_matmul_precision(config, accelerator.device)):
         if note:
@@ -161,31 +159,8 @@ def evaluate(config, accelerator, model, tokenizer, eval_data, eval_batches, sta
         "nll_per_token/eval": (nll.sum() / ntok.sum()).item(),
     }
     if config.sample_during_eval and config.n_eval_model_samples > 0:
-        logger.samples(generate_samples(config, accelerator, model, tokenizer, eval_data, eval_batches), state.examples_seen)
+        logger.samples(generate_samples(config, accelerator, model, tokenizer, eval_data, eval_batches, collate_prompts), state.examples_seen)
     return metrics
-
-
-def generate_samples(config, accelerator, model, tokenizer, eval_data, eval_batches) -> list[dict]:
-    """Completions for the first n_eval_model_samples eval prompts; every process generates its share (FSDP needs all ranks)."""
-    rank, world = data_parallel(accelerator)
-    indices = [i for batch in eval_batches for i in batch][: config.n_eval_model_samples]
-    share = math.ceil(len(indices) / world)
-    mine = indices[rank * share:(rank + 1) * share] or indices[:1]  # every rank must call generate the same number of times
-    examples = [eval_data[i] for i in mine]
-    batch = {k: v.to(accelerator.device) for k, v in collate_prompts(examples, tokenizer.pad_token_id).items()}
-    width = batch["input_ids"].shape[1]
-    limits = {"max_new_tokens": config.max_new_tokens} if config.max_new_tokens else {"max_length": max(config.max_length, width + 1)}
-    out = accelerator.unwrap_model(model).generate(
-        **batch, do_sample=not config.sample_greedy, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **limits,
-        synced_gpus=synced_generate(accelerator),  # FSDP/TP: every process runs each forward until all are done
-    )
-    rows = [
-        {"prompt": tokenizer.decode(e["prompt_ids"]), "sample": tokenizer.decode(o[width:], skip_special_tokens=True),
-         "example_id": e["example_id"]}
-        for e, o in zip(examples, out)
-    ]
-    rows = gather_object(rows if rank * share < len(indices) else [])
-    return rows[: len(indices)]
 
 
 if __name__ == "__main__":

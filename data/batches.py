@@ -57,20 +57,26 @@ def plan_batches(
     n_examples: int | None,
     start_epoch: int = 0,
     start_offset: int = 0,
+    groups: list[list[int]] | None = None,
 ) -> Iterator[BatchPlan]:
-    """Batches of example indices in the reference's order, from position (start_epoch, start_offset)."""
+    """Batches of example indices in the reference's order, from position (start_epoch, start_offset).
+
+    `groups` (DPO: the pair indices of each prompt) makes the groups the units that are shuffled; an epoch's order is then the
+    shuffled groups' examples in turn, as the reference iterates the pairs of each shuffled prompt."""
     check_plan(n, batch_size, n_epochs, n_examples)
+    units = n if groups is None else len(groups)
     seeds = epoch_seeds(seed)
-    order = epoch_order(n, seed, start_epoch, seeds) if start_epoch > 0 else None
+    order = epoch_order(units, seed, start_epoch, seeds) if start_epoch > 0 else None
     epoch = start_epoch
     while n_epochs is None or epoch < n_epochs:
         if epoch > start_epoch or order is None:
-            order = list(range(n)) if order is None else order
+            order = list(range(units)) if order is None else order
             random.Random(int(seeds[epoch])).shuffle(order)
+        flat = order if groups is None else [i for unit in order for i in groups[unit]]
         offset = start_offset if epoch == start_epoch else 0
         while offset + batch_size <= n:
             counted = epoch * n + offset + batch_size
-            yield BatchPlan(epoch, offset, order[offset : offset + batch_size], counted)
+            yield BatchPlan(epoch, offset, flat[offset : offset + batch_size], counted)
             if n_examples is not None and counted >= n_examples:
                 return
             offset += batch_size
@@ -170,14 +176,20 @@ def plan_train_batches(batching: str, dataset, batch_size: int, seed: int, n_epo
     raise ValueError(f"batching: unknown batching {batching!r}; use reference or length_bucketed")
 
 
-def run_plan(config, dataset, epoch: int = 0, offset: int = 0) -> tuple[Iterator[BatchPlan], int]:
-    """The run's remaining training batches from (epoch, offset), and the number of batches of the whole run."""
-    plans = plan_train_batches(config.batching, dataset, config.batch_size, config.seed, config.n_epochs, config.n_examples,
-                               epoch, offset, config.length_bucket_window)
+def run_plan(config, dataset, epoch: int = 0, offset: int = 0, groups: list[list[int]] | None = None) -> tuple[Iterator[BatchPlan], int]:
+    """The run's remaining training batches from (epoch, offset), and the number of batches of the whole run. `groups`: see
+    plan_batches (preference pairs); length-bucketed batching is for SFT examples."""
+    if groups is not None:
+        if config.batching != "reference":
+            raise ValueError(f"batching={config.batching} is not available for preference pairs; use batching=reference")
+        plans = plan_batches(len(dataset), config.batch_size, config.seed, config.n_epochs, config.n_examples, epoch, offset, groups)
+    else:
+        plans = plan_train_batches(config.batching, dataset, config.batch_size, config.seed, config.n_epochs, config.n_examples,
+                                   epoch, offset, config.length_bucket_window)
     n_planned = sum(1 for _ in plan_batches(len(dataset), config.batch_size, config.seed, config.n_epochs, config.n_examples))
     return plans, n_planned
 
 
-def eval_plan(config, n: int) -> list[list[int]]:
+def eval_plan(config, n: int, groups: list[list[int]] | None = None) -> list[list[int]]:
     """The fixed eval set's batches: the first n_eval_examples of the seeded order, in eval_batch_size batches."""
-    return [p.indices for p in plan_batches(n, config.eval_batch_size, config.seed, None, config.n_eval_examples)]
+    return [p.indices for p in plan_batches(n, config.eval_batch_size, config.seed, None, config.n_eval_examples, groups=groups)]

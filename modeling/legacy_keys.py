@@ -208,3 +208,59 @@ def to_transformers_429(state: dict[str, torch.Tensor], config: PretrainedConfig
     return {
         key: buffers[template] if template in buffers else source[renamed.get(key, key)] for key, template in order
     }
+
+
+def from_transformers_429(state: dict[str, torch.Tensor], config: PretrainedConfig,
+                          expected: set[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A policy.pt state written under transformers 4.29 (e.g. by the reference DPO code), made loadable strictly.
+
+    Only the buffers 4.29 saved and current transformers does not (`expected` is the current model's state_dict keys) are
+    dropped, each after checking it holds 4.29's default value, and GPT-NeoX's `embed_out.weight` is renamed to
+    `lm_head.weight`. Every other key is left alone, so a strict load still refuses anything else that does not fit. Returns
+    (state, dropped keys); raises ValueError naming a legacy buffer whose value is not the default (a modified model).
+    """
+    model_type = config.model_type
+    if model_type not in _LAYOUTS:
+        return state, []
+    source = state
+    for old, new in _RENAMED.get(model_type, {}).items():
+        if old in source and old not in expected and new not in source and new in expected:
+            source = {(new if k == old else k): v for k, v in source.items()}
+    legacy = [k for k in source if k not in expected and _legacy_template(k, model_type) is not None]
+    if not legacy:
+        return source, []
+    sample = next((v for k, v in source.items() if v.is_floating_point() and k not in legacy), None)
+    buffers = _layer_buffers(config, sample.dtype if sample is not None else torch.float32, torch.device("cpu"))
+    for key in legacy:
+        template = _legacy_template(key, model_type)
+        value, default = source[key].cpu(), buffers.get(template)
+        if default is None:
+            continue
+        if default.dtype == torch.bool:
+            same = value.shape == default.shape and bool(((value == 0) | (value == 1)).all()) and torch.equal(value.bool(), default)
+        else:
+            same = value.shape == default.shape and torch.equal(value.float(), default.to(value.dtype).float())
+        if not same:
+            raise ValueError(f"{key}: this transformers 4.29 buffer does not hold its default value, so the weights were made "
+                             f"for a modified model; refusing to drop it")
+    return {k: v for k, v in source.items() if k not in legacy}, legacy
+
+
+def _legacy_template(key: str, model_type: str) -> str | None:
+    """The layout template of a per-layer 4.29-only buffer key (`...h.{i}.attn.bias`), or None."""
+    parts = key.split(".")
+    for n, part in enumerate(parts):
+        if part.isdigit():
+            template = ".".join(parts[:n] + ["{i}"] + parts[n + 1:])
+            if template in _LEGACY_BUFFERS.get(model_type, ()):
+                return template
+    return None
+
+
+# Per-layer buffers that 4.29 saved and current transformers keeps out of state_dict (or no longer has).
+_LEGACY_BUFFERS = {
+    "gpt2": ("transformer.h.{i}.attn.bias", "transformer.h.{i}.attn.masked_bias"),
+    "gpt_neox": ("gpt_neox.layers.{i}.attention.bias", "gpt_neox.layers.{i}.attention.masked_bias",
+                 "gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"),
+    "llama": ("model.layers.{i}.self_attn.rotary_emb.inv_freq",),
+}

@@ -13,7 +13,8 @@ import torch
 import transformers
 
 import modeling.packed_attention  # noqa: F401  registers model.attn_implementation=sdpa_packed for every model built here
-from training.checkpoint import load_archive
+from modeling.legacy_keys import from_transformers_429
+from training.checkpoint import CheckpointError, load_archive
 from training.config import ModelConfig
 from training.tokenizer import load_tokenizer  # noqa: F401  (where callers of modeling.load expect it)
 
@@ -58,10 +59,26 @@ def load_model(model_config: ModelConfig, cache_dir: str | None = None, **kwargs
         )
     disable_dropout(model)
     if model_config.archive is not None and not receives_weights_from_rank0():
-        archive = load_archive(model_config.archive)
-        log.info("loading archive %s (step %s, metrics %s)", model_config.archive, archive["step_idx"], archive["metrics"])
-        model.load_state_dict(archive["state"])
+        load_archive_state(model, model_config.archive)
     return model
+
+
+def load_archive_state(model: torch.nn.Module, path: str) -> None:
+    """policy.pt's state into `model`, strictly. A file written under transformers 4.29 (the reference's own policy.pt) loads
+    too: exactly its known extra buffers are dropped, after checking they hold their defaults (modeling/legacy_keys.py)."""
+    archive = load_archive(path)
+    log.info("loading archive %s (step %s, metrics %s)", path, archive["step_idx"], archive["metrics"])
+    try:
+        state, dropped = from_transformers_429(archive["state"], model.config, set(model.state_dict()))
+    except ValueError as e:
+        raise CheckpointError(f"model.archive {path}: {e}") from None
+    if dropped:
+        log.info("model.archive %s: dropped %d transformers-4.29 buffers holding their defaults (%s, ...)", path, len(dropped), dropped[0])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"model.archive {path} does not fit {type(model).__name__}: {str(e).splitlines()[1].strip()}"
+                              if len(str(e).splitlines()) > 1 else f"model.archive {path}: {e}") from None
 
 
 def receives_weights_from_rank0() -> bool:

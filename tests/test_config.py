@@ -95,7 +95,12 @@ def valid(**over) -> list[str]:
         ({"n_epochs": "null", "n_examples": "null"}, 1, "set n_epochs or n_examples"),
         ({"max_prompt_length": 600}, 1, "max_prompt_length (600) must not exceed max_length (512)"),
         ({"model.policy_dtype": "fp16"}, 1, "model.policy_dtype: 'fp16' is not one of"),
-        ({"loss.name": "dpo"}, 1, "loss.name: 'dpo' is not supported"),
+        ({"loss.name": "dop"}, 1, "loss.name: 'dop' (did you mean 'dpo'?) is not one of sft, dpo, ipo"),
+        ({"loss.name": "dpo"}, 1, "loss.beta is required with loss.name=dpo"),
+        ({"loss.name": "ipo", "loss.beta": 0}, 1, "loss.beta must be positive, got 0.0"),
+        ({"loss.name": "dpo", "loss.beta": 0.1, "loss.label_smoothing": 0.5}, 1, "loss.label_smoothing must be in [0, 0.5)"),
+        ({"loss.name": "ipo", "loss.beta": 0.1, "loss.reference_free": "true"}, 1, "loss.reference_free applies to loss.name=dpo only"),
+        ({"reference_logps": "cached"}, 1, "reference_logps: 'cached' must be `live` or `precompute`"),
         ({"data_files.shp.train": "x.jsonl"}, 1, "data_files.shp: 'shp' is not in datasets=['hh']"),
         ({"data_files.hh.tran": "x.jsonl"}, 1, "data_files.hh.tran: unknown split (did you mean 'data_files.hh.train'?)"),
         ({"resume_from": "/nonexistent/LATEST"}, 1, "resume_from: checkpoint directory not found"),
@@ -115,7 +120,8 @@ def test_errors_stop_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(sft_train, "load_model", lambda *a, **k: calls.append("model"))
     monkeypatch.setattr(sft_train, "build_split", lambda *a, **k: calls.append("data"))
     run_dir = tmp_path / "run"
-    for over in ({"model.archive": str(tmp_path / "missing.pt")}, {"datasets": "[hh,nope]"}, {"batch_size": 5, "gradient_accumulation_steps": 2}):
+    for over in ({"model.archive": str(tmp_path / "missing.pt")}, {"datasets": "[hh,nope]"}, {"batch_size": 5, "gradient_accumulation_steps": 2},
+                 {"loss.name": "dpo", "loss.beta": 0.1}):
         with pytest.raises(ConfigError):
             sft_train.main(valid(run_dir=run_dir, **over))
     with pytest.raises(ConfigError):
@@ -127,6 +133,9 @@ def test_errors_stop_before_any_work(tmp_path, monkeypatch):
 def test_every_recipe_parses_and_validates(recipe, monkeypatch):
     monkeypatch.chdir(REPO)
     config = load_config([str(recipe)])
+    if config.model.archive and not Path(config.model.archive).is_file():
+        assert config.model.archive.startswith("runs/"), "an archive a recipe names is the output of an earlier stage"
+        config.model.archive = None  # made by running the earlier stage's recipe
     if config.model.name != "blank_model":
         assert config.model.block_name, "multi-GPU recipes need a block_name for FSDP wrapping"
     validate(config, 1)

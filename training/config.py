@@ -46,7 +46,7 @@ class ModelConfig:
     fsdp_policy_mp: str | None = None
     """FSDP mixed-precision dtype for compute and gradient reduction (e.g. bfloat16); null keeps policy_dtype."""
     reference_dtype: str = "float16"
-    """dtype of the DPO reference model. Unused by SFT; kept so a config is shared with the DPO stage."""
+    """dtype of the DPO reference model (a frozen copy of the starting policy; fp16 halves its memory). Unused by SFT."""
     archive: str | None = None
     """A previous policy.pt whose `state` is loaded (strict) into the model before training."""
     random_init: bool = False
@@ -73,7 +73,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 @dataclass
 class LossConfig:
     name: str = "sft"
-    """Training objective. Only `sft` is implemented by this suite."""
+    """Training objective: `sft` (sft_train.py), `dpo` or `ipo` (dpo_train.py)."""
+    beta: float | None = None
+    """dpo/ipo: the strength of the pull towards the reference model (the reference's typical 0.1 to 0.5). Required for them."""
+    label_smoothing: float = 0.0
+    """dpo: the assumed probability that a preference label is flipped (conservative DPO); 0 is plain DPO. In [0, 0.5)."""
+    reference_free: bool = False
+    """dpo: ignore the reference model (as if it gave every response equal probability)."""
     normalize: str = "example"
     """`example`: per-example summed NLL averaged over the step's examples (the reference; longer answers weigh more).
     `token`: summed NLL divided by the step's supervised-token count across all micro-batches and processes."""
@@ -187,6 +193,9 @@ class Config:
     from the same per-epoch examples, shuffled by the seed: less padding when packing is off). Either is resumable."""
     length_bucket_window: int = 64
     """length_bucketed: batches per window of the epoch order that is sorted by length before it is cut into batches."""
+    reference_logps: str = "live"
+    """dpo/ipo: `live` runs the reference model next to the policy at every step (the reference's way); `precompute` scores
+    the train and eval pairs with it once before training, caches the log-probs and frees it."""
     tokenize_num_proc: int | None = None
     """Processes for tokenization; null uses one."""
     data_num_proc: int | None = None
@@ -351,6 +360,8 @@ def save_config(config: Config, path: str | Path) -> None:
         yaml.safe_dump(to_dict(config), f, sort_keys=False)
 
 
+LOSSES = ("sft", "dpo", "ipo")
+PREFERENCE_LOSSES = ("dpo", "ipo")  # trained by dpo_train.py on (chosen, rejected) pairs
 DATASET_SPLITS = ("train", "test")
 DATASET_NAMES = ("hh", "shp", "se", "jsonl")  # the loaders of data/records.py, one per name
 DTYPES = ("float32", "bfloat16", "float16")
@@ -405,8 +416,21 @@ def validate(config: Config, num_processes: int = 1) -> None:
         raise ConfigError(f"model.archive: file not found: {m.archive}")
     if m.random_init and m.archive is None and m.name_or_path and not Path(m.name_or_path).is_dir():
         raise ConfigError(f"model.random_init needs model.name_or_path to be a local directory with config.json, got {m.name_or_path!r}")
-    if config.loss.name != "sft":
-        raise ConfigError(f"loss.name: {config.loss.name!r} is not supported; this suite trains loss.name=sft")
+    loss = config.loss
+    if loss.name not in LOSSES:
+        raise ConfigError(f"loss.name: {loss.name!r}{suggest(loss.name, LOSSES)} is not one of {', '.join(LOSSES)}")
+    if loss.name in PREFERENCE_LOSSES:
+        if loss.beta is None:
+            raise ConfigError(f"loss.beta is required with loss.name={loss.name} (e.g. loss.beta=0.1)")
+        if not loss.beta > 0:
+            raise ConfigError(f"loss.beta must be positive, got {loss.beta}")
+    if not 0 <= loss.label_smoothing < 0.5:
+        raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing}")
+    if loss.name != "dpo" and (loss.label_smoothing or loss.reference_free):
+        key = "loss.label_smoothing" if loss.label_smoothing else "loss.reference_free"
+        raise ConfigError(f"{key} applies to loss.name=dpo only, not {loss.name}")
+    if config.reference_logps not in ("live", "precompute"):
+        raise ConfigError(f"reference_logps: {config.reference_logps!r} must be `live` or `precompute`")
     if config.loss.normalize not in ("example", "token"):
         raise ConfigError(f"loss.normalize: {config.loss.normalize!r} must be `example` or `token`")
     if config.loss.logits_chunk_tokens <= 0:
@@ -465,6 +489,14 @@ def validate(config: Config, num_processes: int = 1) -> None:
             raise ConfigError(f"dataset_weights.{name}: {name!r} is not in datasets={config.datasets}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ConfigError(f"dataset_weights.{name}: expected a non-negative number, got {weight!r}")
+
+
+def check_stage(config: Config, script: str) -> None:
+    """Each script trains its own objectives: sft_train.py `sft`, dpo_train.py `dpo` and `ipo`."""
+    wanted = PREFERENCE_LOSSES if script == "dpo_train.py" else ("sft",)
+    if config.loss.name not in wanted:
+        other = "sft_train.py" if script == "dpo_train.py" else "dpo_train.py"
+        raise ConfigError(f"loss.name={config.loss.name} is trained by {other}; {script} trains loss.name={' or '.join(wanted)}")
 
 
 def default_run_dir(config: Config) -> Path:

@@ -279,6 +279,58 @@ def prepare_model(config: Config, accelerator: Accelerator, model: torch.nn.Modu
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
+def prepare_frozen(config: Config, accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """A model that is only run forward (DPO's reference): eval mode, no gradients, placed like the policy. Under FSDP it is
+    sharded per model.block_name block as the policy is (without mixed precision: it computes in its own dtype), so no
+    process holds all of it; under TP it was loaded sharded; otherwise it moves to this process's device."""
+    model.eval().requires_grad_(False)
+    mode = parallel_mode(accelerator)
+    if mode == "fsdp":
+        return shard_frozen(config, accelerator, model)
+    if mode == "tp" or config.model.device_map is not None:
+        return model
+    return model.to(accelerator.device)
+
+
+def shard_frozen(config: Config, accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 fully_shard of every block_name block and of the root. Under cpu_ram_efficient_loading only local rank 0 read
+    the weights: the others hold meta tensors and receive their shards from it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    on_meta = any(p.is_meta for p in model.parameters())
+    full = None if on_meta else {k: v for k, v in model.state_dict().items()}
+    buffers = {name: b.clone() for name, b in model.named_buffers() if not b.is_meta}
+    for module in model.modules():
+        if type(module).__name__ == config.model.block_name:
+            fully_shard(module)
+    fully_shard(model)
+    device = accelerator.device
+    any_meta = bool(accelerator.reduce(torch.tensor([int(on_meta)], device=device), "sum").item())
+    if any_meta:
+        model.to_empty(device=device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full if accelerator.is_main_process else {}, options=options)
+        restore_buffers(model, buffers, accelerator)
+    else:
+        model.to(device)
+    return model
+
+
+def restore_buffers(model: torch.nn.Module, buffers: dict[str, torch.Tensor], accelerator: Accelerator) -> None:
+    """Non-persistent buffers (rotary inv_freq, masks) are not in a state dict: the main process's values, broadcast."""
+    from accelerate.utils import broadcast_object_list
+
+    names = broadcast_object_list([sorted(buffers) if accelerator.is_main_process else None])[0]
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        value = buffers[name].to(accelerator.device) if accelerator.is_main_process else torch.empty_like(module._buffers[attr], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            torch.distributed.broadcast(value, src=0)
+        module._buffers[attr] = value
+
+
 def sharded(accelerator: Accelerator) -> bool:
     return parallel_mode(accelerator) in ("fsdp", "tp")
 

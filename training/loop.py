@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
+import math
 import os
 import random
 import shlex
@@ -33,10 +35,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 from training import checkpoint as ckpt
 from training.config import Config, default_run_dir, save_config
 from training.distributed import (data_parallel, detached, full_model_state, full_optimizer_state, load_full_state, load_sharded,
-                                  parallel_mode, save_sharded, sharded)
+                                  parallel_mode, save_sharded, sharded, synced_generate)
 from training.logger import console
-
-import logging
 
 log = logging.getLogger(__name__)
 
@@ -345,3 +345,27 @@ def start_wandb(config: Config, run_dir: Path, accelerator):
     id_file.write_text(run_id)
     return wandb.init(entity=config.wandb.entity, project=config.wandb.project, name=config.exp_name,
                       config=asdict(config), dir=str(run_dir), id=run_id, resume="allow")
+
+
+def generate_samples(config, accelerator, model, tokenizer, eval_data, eval_batches, collate_prompts) -> list[dict]:
+    """Completions for the first n_eval_model_samples eval prompts; every process generates its share (FSDP needs all ranks).
+    collate_prompts(examples, pad_id) left-pads their prompt_ids (data/batches.py)."""
+    rank, world = data_parallel(accelerator)
+    indices = [i for batch in eval_batches for i in batch][: config.n_eval_model_samples]
+    share = math.ceil(len(indices) / world)
+    mine = indices[rank * share:(rank + 1) * share] or indices[:1]  # every rank must call generate the same number of times
+    examples = [eval_data[i] for i in mine]
+    batch = {k: v.to(accelerator.device) for k, v in collate_prompts(examples, tokenizer.pad_token_id).items()}
+    width = batch["input_ids"].shape[1]
+    limits = {"max_new_tokens": config.max_new_tokens} if config.max_new_tokens else {"max_length": max(config.max_length, width + 1)}
+    out = accelerator.unwrap_model(model).generate(
+        **batch, do_sample=not config.sample_greedy, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **limits,
+        synced_gpus=synced_generate(accelerator),  # FSDP/TP: every process runs each forward until all are done
+    )
+    rows = [
+        {"prompt": tokenizer.decode(e["prompt_ids"]), "sample": tokenizer.decode(o[width:], skip_special_tokens=True),
+         "example_id": e["example_id"]}
+        for e, o in zip(examples, out)
+    ]
+    rows = gather_object(rows if rank * share < len(indices) else [])
+    return rows[: len(indices)]
