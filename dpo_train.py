@@ -26,7 +26,7 @@ import torch
 
 from data.batches import collate_prompts, eval_plan, run_plan
 from data.pairs import build_pair_split, describe, pair_positions, pair_sides, prompt_groups
-from data.packing import collate_batch, tensor_tokens
+from data.packing import collate_batch, tensor_tokens, to_device
 from data.tokenize import TokenizeSettings
 from modeling.dpo import pair_logps, pair_metrics, preference_loss
 from modeling.export import finish_run
@@ -132,7 +132,8 @@ def train_step(config, accelerator, model, optimizer, scheduler, train_pairs, pa
     model.train()
     parts = []
     for m, share in enumerate(micro_batches(pairs, accelerator, ga)):
-        batch = {k: v.to(accelerator.device) for k, v in collate_batch(pair_sides(share), pad_id, config.packing, config.max_length).items()}
+        batch = to_device(collate_batch(pair_sides(share), pad_id, config.packing, config.max_length,
+                                        config.model.attn_implementation), accelerator.device)
         reference_chosen, reference_rejected = reference_logps("train", share, batch)
         with no_sync_unless_last(accelerator, model, m, ga):
             losses, *rest = pair_loss(config, model, batch, len(share), reference_chosen, reference_rejected)
@@ -143,7 +144,8 @@ def train_step(config, accelerator, model, optimizer, scheduler, train_pairs, pa
     grad_norm = optimizer_step(config, accelerator, model, optimizer, scheduler)
     elapsed = time.perf_counter() - start
     local = len(pairs) // ga // world
-    positions = sum(tensor_tokens(pair_positions(pairs[s:s + local]), config.packing, config.max_length)
+    positions = sum(tensor_tokens(pair_positions(pairs[s:s + local]), config.packing, config.max_length,
+                                  config.model.attn_implementation)
                     for s in range(0, len(pairs), local))
     return {**pair_metrics("train", *values), "grad_norm": grad_norm, "lr": lr,
             **step_throughput(pair_sides(pairs), positions, elapsed, model, accelerator.device, world),
@@ -159,8 +161,8 @@ def evaluate(config, accelerator, model, tokenizer, eval_pairs, eval_batches, re
     for indices in eval_batches:
         local = len(indices) // world
         share = [{**eval_pairs[i], "index": i} for i in indices[rank * local:(rank + 1) * local]]
-        batch = {k: v.to(accelerator.device) for k, v in collate_batch(pair_sides(share), tokenizer.pad_token_id, config.packing,
-                                                                         config.max_length).items()}
+        batch = to_device(collate_batch(pair_sides(share), tokenizer.pad_token_id, config.packing, config.max_length,
+                                        config.model.attn_implementation), accelerator.device)
         reference_chosen, reference_rejected = reference_logps("eval", share, batch)
         parts.append([gather_dp(accelerator, v.float()) for v in
                       pair_loss(config, model, batch, len(share), reference_chosen, reference_rejected)])
@@ -175,8 +177,8 @@ def evaluate(config, accelerator, model, tokenizer, eval_pairs, eval_batches, re
 def score_pairs(config, accelerator, pad_id, model, pairs: list[dict], batch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of chosen and rejected under `model` (the frozen reference) for this process's pairs."""
     if batch is None:
-        batch = {k: v.to(accelerator.device) for k, v in
-                 collate_batch(pair_sides(pairs), pad_id, config.packing, config.max_length).items()}
+        batch = to_device(collate_batch(pair_sides(pairs), pad_id, config.packing, config.max_length,
+                                        config.model.attn_implementation), accelerator.device)
     chosen, rejected = pair_logps(model, batch, len(pairs), config.loss.supervised_logits_only, config.loss.logits_chunk_tokens)
     return chosen.float(), rejected.float()
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from data.batches import collate_prompts, eval_plan, run_plan
 from data.packing import collate_batch, tensor_tokens, to_device
 from data.sft import build_split
