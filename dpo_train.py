@@ -32,9 +32,9 @@ from modeling.dpo import pair_logps, pair_metrics, preference_loss
 from modeling.export import finish_run
 from modeling.load import load_model, load_tokenizer
 from training import checkpoint as ckpt
-from training.config import check_stage, load_config, local_dir, normalize_data_files, validate
-from training.distributed import (build_accelerator, check_setup, data_parallel, gather_dp, model_load_kwargs, prepare_model,
-                                  prepare_frozen, raise_open_file_limit)
+from training.config import cache_dir, check_stage, load_config, normalize_data_files, validate
+from training.distributed import (build_accelerator, check_setup, data_first, data_parallel, gather_dp, model_load_kwargs,
+                                  prepare_frozen, prepare_model, raise_open_file_limit)
 from training.logger import MetricsLogger, console
 from training.loop import (build_optimizer, gather_order, generate_samples, micro_batches, no_sync_unless_last, optimizer_step,
                            prepare_run_dir, raise_if_not_finite, restored_signal_handlers, start_state, start_wandb, train)
@@ -55,15 +55,18 @@ def main(argv: list[str] | None = None) -> Path:
     if note := raise_open_file_limit(accelerator):
         log.info(note)
     data_files = normalize_data_files(config.data_files, config.datasets, log.warning)
-    resume_dir = ckpt.resolve_resume(config.resume_from, config.run_dir) if config.resume_from else None
-    cache_dir = str(local_dir(config.local_dirs) / "cache")
+    with accelerator.main_process_first():  # only the main process repairs a LATEST left between two renames by a crash
+        resume_dir = ckpt.resolve_resume(config.resume_from, config.run_dir) if config.resume_from else None
+    cache = cache_dir(config)
 
     tokenizer = load_tokenizer(config.model)
     settings = TokenizeSettings(config.max_length, config.max_prompt_length)
-    with accelerator.main_process_first():  # the main process tokenizes and caches; the others read the cache
-        train_pairs = build_pair_split(config.datasets, "train", data_files, tokenizer, settings, cache_dir,
-                                       config.tokenize_num_proc, weights=config.dataset_weights, seed=config.seed)
-        eval_pairs = build_pair_split(config.datasets, "test", data_files, tokenizer, settings, cache_dir, config.tokenize_num_proc)
+    with data_first(accelerator, cache, config.cache_node_local):  # one process per cache prepares data; the others read it
+        train_pairs = build_pair_split(config.datasets, "train", data_files, tokenizer, settings, str(cache),
+                                       config.tokenize_num_proc, weights=config.dataset_weights, seed=config.seed,
+                                       data_num_proc=config.data_num_proc)
+        eval_pairs = build_pair_split(config.datasets, "test", data_files, tokenizer, settings, str(cache),
+                                      config.tokenize_num_proc, data_num_proc=config.data_num_proc)
     if accelerator.is_main_process:
         console.print(f"train: {describe(train_pairs)}\neval: {describe(eval_pairs)}", soft_wrap=True, highlight=False)
     train_groups, eval_groups = prompt_groups(train_pairs), prompt_groups(eval_pairs)
@@ -71,9 +74,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     run_dir = prepare_run_dir(config, accelerator, resume_dir)
     torch.manual_seed(config.seed)  # random_init models must not depend on earlier RNG use
-    reference = load_reference(config, accelerator, cache_dir)
+    reference = load_reference(config, accelerator, str(cache))
     score = functools.partial(score_pairs, config, accelerator, tokenizer.pad_token_id)
-    reference_logps = ReferenceLogps(config, accelerator, reference, score, cache_dir)
+    reference_logps = ReferenceLogps(config, accelerator, reference, score, cache)
     if config.reference_logps == "precompute":
         visited = [i for plan in run_plan(config, train_pairs, 0, 0, train_groups)[0] for i in plan.indices]
         eval_visited = [i for batch in eval_batches for i in batch]
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> Path:
         reference = reference_logps.model = None
         gc.collect()
     torch.manual_seed(config.seed)
-    model = load_model(config.model, cache_dir, **model_load_kwargs(config, accelerator))
+    model = load_model(config.model, str(cache), **model_load_kwargs(config, accelerator))
     prepare_model(config, accelerator, model)
     optimizer, scheduler = build_optimizer(config, model)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand: once per optimizer step
@@ -106,8 +109,12 @@ def main(argv: list[str] | None = None) -> Path:
 def load_reference(config, accelerator, cache_dir: str) -> torch.nn.Module:
     """The frozen reference: model.archive (or the base weights) in model.reference_dtype, sharded like the policy."""
     reference_config = dataclasses.replace(config.model, policy_dtype=config.model.reference_dtype)
-    reference = load_model(reference_config, cache_dir, **model_load_kwargs(config, accelerator))
-    return prepare_frozen(config, accelerator, reference)
+    reference = prepare_frozen(config, accelerator, load_model(reference_config, cache_dir, **model_load_kwargs(config, accelerator)))
+    if accelerator.is_main_process:
+        units = sum(1 for m in reference.modules() if type(m).__name__.startswith("FSDP"))
+        console.print(f"reference model: {config.model.reference_dtype}, "
+                      + (f"sharded in {units} FSDP2 units" if units else f"on {accelerator.device}"), highlight=False)
+    return reference
 
 
 def pair_loss(config, model, batch, n_pairs, reference_chosen, reference_rejected):

@@ -35,7 +35,7 @@ COLUMNS = ("prompt", "chosen", "rejected", "mode", "example_id", "prompt_index")
 
 
 def pair_rows(names: list[str], split: str, data_files: dict[str, dict[str, list[str]]], cache_dir: str | None,
-              weights: dict[str, float] | None = None, seed: int = 0) -> list[dict]:
+              weights: dict[str, float] | None = None, seed: int = 0, data_num_proc: int | None = None) -> list[dict]:
     """One row per preference pair, record by record; weights (train mixtures) apply to a dataset's records."""
     rows: list[dict] = []
     n_prompts = 0
@@ -44,7 +44,7 @@ def pair_rows(names: list[str], split: str, data_files: dict[str, dict[str, list
         if name == "jsonl" and files is not None and is_chat_data(resolve_paths(files)):
             raise DataError(f"data_files.jsonl.{split}: chat `messages` rows hold no (chosen, rejected) pairs; DPO needs "
                             "rows with prompt, chosen and rejected")
-        records = list(load_records(name, split, files=files, cache_dir=cache_dir).items())
+        records = list(load_records(name, split, files=files, cache_dir=cache_dir, num_proc=data_num_proc).items())
         numbered = list(enumerate(records))
         if weights and name in weights:
             numbered = reweight(numbered, float(weights[name]), random.Random(f"{name}:{seed}"))
@@ -120,8 +120,8 @@ def tokenize_pairs(rows: datasets.Dataset, tokenizer, settings: TokenizeSettings
 
 def build_pair_split(names: list[str], split: str, data_files: dict[str, dict[str, list[str]]], tokenizer,
                      settings: TokenizeSettings, cache_dir: str | None, num_proc: int | None = None,
-                     weights: dict[str, float] | None = None, seed: int = 0) -> datasets.Dataset:
-    rows = pair_rows(names, split, data_files, cache_dir, weights, seed)
+                     weights: dict[str, float] | None = None, seed: int = 0, data_num_proc: int | None = None) -> datasets.Dataset:
+    rows = pair_rows(names, split, data_files, cache_dir, weights, seed, data_num_proc)
     table = datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in COLUMNS})
     return tokenize_pairs(table, tokenizer, settings, cache_dir, num_proc)
 

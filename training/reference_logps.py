@@ -61,11 +61,12 @@ class ReferenceLogps:
         the run will use (None: all). Cached values are reused; pairs not scored before are scored now and added."""
         for split, (dataset, indices) in splits.items():
             path = self.cache_dir / "reference_logps" / f"{split}-{self.key(dataset)}.pt"
-            exists = path.is_file()
+            # The main process reads the file (a node-local cache exists on its node only) and shares the values, so every
+            # process takes the same branch below (scoring is collective).
+            saved = torch.load(path, map_location="cpu", weights_only=True) if self.accelerator.is_main_process and path.is_file() else None
             if self.accelerator.num_processes > 1:
-                exists = broadcast_object_list([exists])[0]  # every process takes the same branch (scoring is collective)
-            if exists:
-                saved = torch.load(path, map_location="cpu", weights_only=True)
+                saved = broadcast_object_list([saved])[0]
+            if saved is not None:
                 chosen, rejected = saved["chosen"], saved["rejected"]
             else:
                 chosen, rejected = torch.full((len(dataset),), float("nan")), torch.full((len(dataset),), float("nan"))

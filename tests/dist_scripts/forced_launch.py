@@ -1,7 +1,8 @@
-"""Run sft_train.main on CPU processes with accelerate's FSDP2 or tensor-parallel state forced on (test use only).
+"""Run sft_train.main (or, with --script dpo_train, dpo_train.main) on CPU processes with accelerate's FSDP2 or tensor-parallel state forced on (test use only).
 
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 ... tests/dist_scripts/forced_launch.py fsdp KEY=VALUE...
     ... forced_launch.py tp KEY=VALUE...
+    ... forced_launch.py fsdp --script dpo_train KEY=VALUE...
     python tests/dist_scripts/forced_launch.py plain KEY=VALUE...      # the script's own accelerator, with the hooks below
 
 Hooks for the tests, by environment variable: DUMP_RESUMED=PATH writes the full model and optimizer state right after a
@@ -28,13 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-import sft_train  # noqa: E402
+import importlib  # noqa: E402
 import training.loop  # noqa: E402
 from tests.forcing import forced_accelerator  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
 from training import distributed  # noqa: E402
 
 MODE = sys.argv[1]
+ARGS = sys.argv[2:]
+SCRIPT = "sft_train"
+if ARGS[:1] == ["--script"]:
+    SCRIPT, ARGS = ARGS[1], ARGS[2:]
+script = importlib.import_module(SCRIPT)
 
 
 def record_wrapping(save):
@@ -134,11 +140,11 @@ def slow_first_split(build_split, seconds):
 
 
 if MODE != "plain":
-    sft_train.build_accelerator = lambda config: forced_accelerator(MODE, config)
+    script.build_accelerator = lambda config: forced_accelerator(MODE, config)
 if os.environ.get("SLOW_DATA"):
-    sft_train.build_split = slow_first_split(sft_train.build_split, float(os.environ["SLOW_DATA"]))
+    script.build_split = slow_first_split(script.build_split, float(os.environ["SLOW_DATA"]))
 if os.environ.get("OLD_DATA_WAIT"):
-    sft_train.data_first = lambda accelerator, cache, node_local: accelerator.main_process_first()
+    script.data_first = lambda accelerator, cache, node_local: accelerator.main_process_first()
 if os.environ.get("SLOW_LATEST_WRITE"):
     ckpt.save_file = slow_latest(ckpt.save_file, float(os.environ["SLOW_LATEST_WRITE"]))
 if os.environ.get("BARRIER_AFTER_SAVE"):
@@ -149,4 +155,4 @@ if os.environ.get("DUMP_RESUMED"):
     training.loop.resume = dumping_resume(training.loop.resume)
 training.loop.save = record_wrapping(training.loop.save)  # the loop's checkpoint writer
 torch.set_num_threads(1)
-sft_train.main(sys.argv[2:])
+script.main(ARGS)
