@@ -146,6 +146,7 @@ def export_policy_429(checkpoint_dir: str | Path, out_path: str | Path) -> Path:
 def model_card(config: Config, archive: dict[str, Any], checkpoint_dir: Path, command: str | None = None) -> str:
     """README.md for the export: base model, data, hyperparameters, final eval metrics, versions and how to re-run."""
     m = config.model
+    preference = config.loss.name != "sft"
     base = f"`{m.name_or_path}`" + (" (architecture only: trained from random initialisation)" if m.random_init else "")
     if m.archive:
         base += f", starting from the weights in `{m.archive}`"
@@ -169,13 +170,17 @@ def model_card(config: Config, archive: dict[str, Any], checkpoint_dir: Path, co
         "",
         f"# {config.exp_name}",
         "",
-        "A causal language model fine-tuned with supervised fine-tuning (SFT) on the preferred answers of preference data:",
-        "the first stage of DPO. Its input format is the one it was trained on: `\\n\\nHuman: {question}\\n\\nAssistant:`;",
+        *(["A causal language model fine-tuned with supervised fine-tuning (SFT) on the preferred answers of preference data:",
+           "the first stage of DPO."] if not preference else
+          [f"A causal language model trained with {config.loss.name.upper()} (beta {config.loss.beta}) on (chosen, rejected) "
+           "pairs of preference data, from the SFT policy it started with."]),
+        "Its input format is the one it was trained on: `\\n\\nHuman: {question}\\n\\nAssistant:`;",
         "it ends its answer with the EOS token.",
         "",
         f"- Base model: {base}",
         f"- Checkpoint: `{checkpoint_dir}` after {archive['step_idx']} training examples",
-        f"- Final eval loss (`loss/eval`, mean summed NLL per example): {fmt(metrics.get('loss/eval'))}",
+        f"- Final eval loss (`loss/eval`, {'mean preference loss per pair' if preference else 'mean summed NLL per example'}): "
+        f"{fmt(metrics.get('loss/eval'))}",
         "",
         "## Data",
         "",
@@ -196,7 +201,7 @@ def model_card(config: Config, archive: dict[str, Any], checkpoint_dir: Path, co
         "## How it was trained",
         "",
         "```",
-        "python sft_train.py config.yaml run_dir=NEW_RUN_DIR resume_from=null",
+        f"python {'dpo_train.py' if preference else 'sft_train.py'} config.yaml run_dir=NEW_RUN_DIR resume_from=null",
         "```",
         "",
         "re-runs the training from this directory's `config.yaml` (its paths are relative to the directory training ran in;",

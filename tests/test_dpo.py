@@ -165,3 +165,18 @@ def test_reference_policy_with_transformers_429_keys_loads_strictly(reference_di
     torch.save(extra, tmp_path / "extra.pt")
     with pytest.raises(CheckpointError, match=r"extra.pt does not fit GPT2LMHeadModel: Unexpected key\(s\).*attn.extra"):
         load_archive_state(model, str(tmp_path / "extra.pt"))
+
+
+def test_dpo_config_errors_stop_before_any_work(tmp_path, monkeypatch):
+    from training.config import ConfigError
+
+    calls = []
+    monkeypatch.setattr(dpo_train, "load_tokenizer", lambda *a, **k: calls.append("tokenizer"))
+    monkeypatch.setattr(dpo_train, "load_model", lambda *a, **k: calls.append("model"))
+    monkeypatch.setattr(dpo_train, "build_pair_split", lambda *a, **k: calls.append("data"))
+    base = ["exp_name=t", "model=blank_model", "model.name_or_path=recipes/demo", "wandb.enabled=false", f"run_dir={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError, match="loss.beta is required with loss.name=dpo"):
+        dpo_train.main([*base, "loss.name=dpo"])
+    with pytest.raises(ConfigError, match="loss.name=sft is trained by sft_train.py; dpo_train.py trains loss.name=dpo or ipo"):
+        dpo_train.main(base)
+    assert calls == [] and not (tmp_path / "run").exists()
