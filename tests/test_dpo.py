@@ -179,4 +179,6 @@ def test_dpo_config_errors_stop_before_any_work(tmp_path, monkeypatch):
         dpo_train.main([*base, "loss.name=dpo"])
     with pytest.raises(ConfigError, match="loss.name=sft is trained by sft_train.py; dpo_train.py trains loss.name=dpo or ipo"):
         dpo_train.main(base)
+    with pytest.raises(ConfigError, match="batching=length_bucketed is for SFT examples"):
+        dpo_train.main([*base, "loss.name=ipo", "loss.beta=0.1", "batching=length_bucketed"])
     assert calls == [] and not (tmp_path / "run").exists()

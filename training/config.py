@@ -497,6 +497,8 @@ def check_stage(config: Config, script: str) -> None:
     if config.loss.name not in wanted:
         other = "sft_train.py" if script == "dpo_train.py" else "dpo_train.py"
         raise ConfigError(f"loss.name={config.loss.name} is trained by {other}; {script} trains loss.name={' or '.join(wanted)}")
+    if script == "dpo_train.py" and config.batching != "reference":
+        raise ConfigError(f"batching={config.batching} is for SFT examples; preference pairs use batching=reference")
 
 
 def default_run_dir(config: Config) -> Path:
