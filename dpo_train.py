@@ -34,7 +34,7 @@ from modeling.load import load_model, load_tokenizer
 from training import checkpoint as ckpt
 from training.config import cache_dir, check_stage, load_config, normalize_data_files, validate
 from training.distributed import (build_accelerator, check_setup, data_first, data_parallel, gather_dp, model_load_kwargs,
-                                  prepare_frozen, prepare_model, raise_open_file_limit)
+                                  prepare_frozen, prepare_model, raise_open_file_limit, set_matmul_precision)
 from training.logger import MetricsLogger, console
 from training.loop import (build_optimizer, gather_order, generate_samples, micro_batches, no_sync_unless_last, optimizer_step,
                            prepare_run_dir, raise_if_not_finite, restored_signal_handlers, start_state, start_wandb, train)
@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> Path:
     validate(config, data_parallel(accelerator)[1])
     check_stage(config, "dpo_train.py")
     check_setup(config, accelerator)  # FSDP block name, TP plan, device_map: fail before loading anything
-    if note := raise_open_file_limit(accelerator):
-        log.info(note)
+    for note in (raise_open_file_limit(accelerator), set_matmul_precision(config, accelerator.device)):
+        if note:
+            log.info(note)
     data_files = normalize_data_files(config.data_files, config.datasets, log.warning)
     with accelerator.main_process_first():  # only the main process repairs a LATEST left between two renames by a crash
         resume_dir = ckpt.resolve_resume(config.resume_from, config.run_dir) if config.resume_from else None
@@ -155,7 +156,7 @@ def train_step(config, accelerator, model, optimizer, scheduler, train_pairs, pa
                                   config.model.attn_implementation)
                     for s in range(0, len(pairs), local))
     return {**pair_metrics("train", *values), "grad_norm": grad_norm, "lr": lr,
-            **step_throughput(pair_sides(pairs), positions, elapsed, model, accelerator.device, world),
+            **step_throughput(pair_sides(pairs), positions, elapsed, accelerator.device, n_devices=accelerator.num_processes),
             "examples_per_second": len(pairs) / elapsed}
 
 
