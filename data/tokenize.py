@@ -18,7 +18,8 @@ Chat rows are rendered and masked by data/chat.py; their prompt is every token b
 the rest, so the same two rules apply (the response mask is cut with the response).
 
 The cache key is the tokenizer (vocabulary, merges, special tokens, chat template), the settings and a hash of the input rows'
-content, so a second run with the same data reads the tokenized dataset from disk without tokenizing.
+content, so a second run with the same data reads the tokenized dataset from disk without tokenizing. The cache never fails a
+run (data/cache.py): a corrupt entry is rebuilt with a warning, a failed write (disk full) warns and the run goes on.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 
+from data.cache import read_entry, write_entry
 from data.chat import tokenize_conversations
 from data.files import DataError
 
@@ -149,14 +149,14 @@ def tokenize_examples(
         raise ValueError(f"a fast tokenizer is required (batched tokenization and chat offsets); got {type(tokenizer).__name__}")
     key = cache_key(examples, tokenizer, settings)
     path = Path(cache_dir, "tokenized", key) if cache_dir is not None else None
-    if path is not None and (path / "dropped.json").is_file():
-        tokenized = datasets.load_from_disk(str(path))
-        dropped = json.loads((path / "dropped.json").read_text())
+    cached = read_entry(path, _load) if path is not None else None
+    if cached is not None:
+        tokenized, dropped = cached
         log.info("tokenized examples read from the cache %s", path)
     else:
         tokenized, dropped = _tokenize(examples, tokenizer, settings, num_proc)
         if path is not None:
-            _save(tokenized, dropped, path)
+            write_entry(path, lambda tmp: _save(tokenized, dropped, tmp))
     if dropped["count"]:
         log.warning(
             "dropped %d example(s) with no supervised token (max_length - max_prompt_length = %d), e.g. %s",
@@ -191,13 +191,16 @@ def _tokenize(examples: datasets.Dataset, tokenizer, settings: TokenizeSettings,
     return tokenized, dropped
 
 
-def _save(tokenized: datasets.Dataset, dropped: dict, path: Path) -> None:
-    """Write to a temporary directory and rename it, so a reader never sees a half-written entry."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+def _save(tokenized: datasets.Dataset, dropped: dict, tmp: Path) -> None:
     tokenized.save_to_disk(str(tmp))
     (tmp / "dropped.json").write_text(json.dumps(dropped))
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process finished the same entry first; theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(path: Path) -> tuple[datasets.Dataset, dict]:
+    """A cache entry, read fully enough that a truncated or garbled file fails here rather than during training."""
+    dropped = json.loads((path / "dropped.json").read_text())
+    tokenized = datasets.load_from_disk(str(path), keep_in_memory=False)
+    if tokenized.data.num_rows != len(tokenized) or not {"prompt_ids", "response_ids", "n_supervised"} <= set(tokenized.column_names):
+        raise ValueError("unexpected layout")
+    tokenized.data.validate(full=True)
+    return tokenized, dropped
