@@ -42,6 +42,16 @@ FORMAT_VERSION = "v2"  # bump when the output columns or rules change, so old ca
 MAP_BATCH_SIZE = 1000
 
 
+class EosInTextError(DataError):
+    """The text of an example holds the EOS token; data/sft.py adds the file and line of its row."""
+
+    def __init__(self, example_id: str, part: str, eos_text: str, where: str | None = None):
+        self.example_id, self.part, self.eos_text = example_id, part, eos_text
+        at = f"{where}: " if where else ""
+        super().__init__(f"{at}the {part} text of example {example_id} contains the EOS token {eos_text!r}; remove it from the "
+                         "data (EOS is appended to every response by training)")
+
+
 @dataclass(frozen=True)
 class TokenizeSettings:
     max_length: int
@@ -83,10 +93,7 @@ def tokenize_batch(batch: dict[str, list], tokenizer, settings: TokenizeSettings
         responses = tokenizer([batch["target"][i] for i in plain_rows], add_special_tokens=False)["input_ids"]
         for i, p, r in zip(plain_rows, prompts, responses):
             if eos in p or eos in r:
-                where = "prompt" if eos in p else "response"
-                raise DataError(
-                    f"example {batch['example_id'][i]}: the {where} text contains the EOS token {tokenizer.eos_token!r}"
-                )
+                raise EosInTextError(batch["example_id"][i], "prompt" if eos in p else "response", tokenizer.eos_token)
             segments[i] = (p, r + [eos], [1] * (len(r) + 1))
     if chat_rows:
         chats = tokenize_conversations(
@@ -126,6 +133,21 @@ def content_fingerprint(examples: datasets.Dataset) -> str:
         h.update(column.encode() + b"\0")
         for start in range(0, len(examples), 10_000):
             h.update(json.dumps(examples[start : start + 10_000][column], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def tokens_fingerprint(tokenized: datasets.Dataset) -> str:
+    """A hash of the token ids and masks of a tokenized split, in order: equal exactly when training would see the same data."""
+    import pyarrow.compute as pc
+
+    table = tokenized.with_format("arrow")[:] if len(tokenized) else None
+    h = hashlib.sha256(str(len(tokenized)).encode())
+    for column in ("prompt_ids", "response_ids", "response_mask"):
+        if table is None:
+            break
+        values = table.column(column)
+        h.update(pc.list_value_length(values).to_numpy(zero_copy_only=False).tobytes())
+        h.update(pc.list_flatten(values).to_numpy(zero_copy_only=False).tobytes())
     return h.hexdigest()
 
 

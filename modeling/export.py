@@ -31,6 +31,7 @@ import yaml
 from modeling.load import disable_dropout, load_tokenizer, model_from_config
 from modeling.legacy_keys import to_transformers_429
 from training import checkpoint as ckpt
+from training.cli import run_main
 from training.config import Config, ModelConfig, build_config
 
 log = logging.getLogger(__name__)
@@ -266,4 +267,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -121,7 +121,8 @@ def test_resume_from_step_dir_rewinds_logs(tiny, full):
 
 
 def fake_checkpoint(run_dir: Path, name: str, step: int) -> Path:
-    return ckpt.write_checkpoint(run_dir, name, step, {"w": torch.full((2,), float(step))}, {}, {}, {"examples_seen": step}, {})
+    train_state = {"examples_seen": step, "updates": step // 4, "epoch": 0, "offset": step, "rng": {}}
+    return ckpt.write_checkpoint(run_dir, name, step, {"w": torch.full((2,), float(step))}, {}, {}, train_state, {})
 
 
 def test_auto_picks_newest_complete_checkpoint(tmp_path):

@@ -427,3 +427,23 @@ def raise_open_file_limit(accelerator: Accelerator) -> str | None:
         return None
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return f"raised the open-file soft limit from {soft} to {hard}"
+
+
+def describe_setup(config: Config, accelerator: Accelerator, run_dir: Path) -> str:
+    """What is about to run, in two lines: device, processes and mode, dtypes, batch split, run directory; plus a note when
+    the launcher was asked for several processes but started one."""
+    mode, n = parallel_mode(accelerator), accelerator.num_processes
+    _, dp = data_parallel(accelerator)
+    micro = config.batch_size // (config.gradient_accumulation_steps * dp)
+    compute = config.model.fsdp_policy_mp if mode == "fsdp" and config.model.fsdp_policy_mp else config.model.policy_dtype
+    lines = [
+        f"running {mode} on {n} process{'es' if n > 1 else ''} ({accelerator.device.type}); weights and optimizer state "
+        f"{config.model.policy_dtype}, compute {compute}; batch_size {config.batch_size} = {micro} per device x "
+        f"{config.gradient_accumulation_steps} accumulation x {dp} data-parallel",
+        f"run dir: {run_dir}",
+    ]
+    if n == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        # accelerate's simple launcher (MULTI_CPU without mpirun) sets MASTER_ADDR for num_processes > 1 but starts one
+        lines.append("note: the launch config asked for several processes, but this is the only one (accelerate starts "
+                     "MULTI_CPU processes only through mpirun); use accelerate_configs/cpu_2proc.yaml for several CPU processes")
+    return "\n".join(lines)

@@ -1,11 +1,17 @@
 """The training loop and run bookkeeping that sft_train.py and dpo_train.py share.
 
-    optimizer, scheduler = build_optimizer(config, model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = start_state(config, accelerator, model, optimizer, scheduler, resume_dir, run_dir)   # fresh or resumed
-    with restored_signal_handlers():
-        finished = train(config, accelerator, model, optimizer, scheduler, plans, n_planned, state, run_dir, logger,
-                         train_step=..., evaluate=...)
+    resume_dir, saved_run = resume_point(config, accelerator) # checkpoint to continue; its run settings already compared
+    run_dir = pick_run_dir(config, accelerator, resume_dir)
+    with claimed_run_dir(config, accelerator, run_dir, resume_dir):   # refuses a finished or live run; locked while training
+        ...                                                   # tokenizer, data; check_resume(saved_run, signature, ...)
+        prepare_run_dir(config, accelerator, run_dir)         # config.yaml, and what is about to run
+        optimizer, scheduler = build_optimizer(config, model)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        state = start_state(config, accelerator, model, optimizer, scheduler, resume_dir, run_dir)   # fresh or resumed
+        state.run = run_signature(config, data_fingerprint)   # recorded in every checkpoint, compared on resume
+        with restored_signal_handlers():
+            finished = train(config, accelerator, model, optimizer, scheduler, plans, n_planned, state, run_dir, logger,
+                             train_step=..., evaluate=...)
 
 A script supplies only what its objective changes: `train_step(examples) -> metrics` (one optimizer step over the global
 batch, built from `micro_batches` and `optimizer_step`) and `evaluate() -> metrics`. Everything else (eval cadence,
@@ -32,9 +38,10 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from training import checkpoint as ckpt
 from training.config import Config, default_run_dir, save_config
-from training.distributed import (data_parallel, detached, full_model_state, full_optimizer_state, load_full_state, load_sharded,
-                                  parallel_mode, save_sharded, sharded)
+from training.distributed import (data_parallel, describe_setup, detached, full_model_state, full_optimizer_state,
+                                  load_full_state, load_sharded, parallel_mode, save_sharded, sharded)
 from training.logger import console
+from training.rundir import check_resume, claim_run_dir, on_main_process, run_signature
 
 import logging
 
@@ -52,6 +59,7 @@ class TrainState:
     examples_counted: int = 0  # the reference's stop counter (includes dropped partial batches)
     last_eval: int = -1  # examples_seen at the last eval, so a resumed run does not repeat it
     eval_metrics: dict | None = None
+    run: dict | None = None  # settings that fix the data order and the counters (training/rundir.py), checked on resume
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal=USR1@600, sent ahead of the kill
@@ -201,7 +209,6 @@ def train(config: Config, accelerator, model, optimizer, scheduler, plans: Itera
     logger.close()
     if accelerator.is_main_process:
         ckpt.writer.wait()  # the other processes may already be gone: nothing collective follows
-        console.print(f"[green]done[/green]: {state.examples_seen} examples, {state.updates} updates; policy at {run_dir}/LATEST/policy.pt")
     return True
 
 
@@ -316,22 +323,64 @@ def resume(path: Path, model, optimizer, scheduler, accelerator, run_dir: Path) 
     return state
 
 
-def prepare_run_dir(config: Config, accelerator, resume_dir: Path | None) -> Path:
-    """Same directory on every process (the main one picks it); config.yaml written there before training."""
+def resume_point(config: Config, accelerator) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume (None for a fresh run) and the run settings it recorded, checked against this config's
+    before any data or model is loaded (the data itself is compared once it is tokenized)."""
+    if not config.resume_from:
+        return None, None
+    with accelerator.main_process_first():  # only the main process repairs a LATEST left between two renames by a crash
+        resume_dir = ckpt.resolve_resume(config.resume_from, config.run_dir)
+    saved_run = ckpt.load_train_state(resume_dir / "train_state.pt").get("run")
+    check_resume(saved_run, run_signature(config), resume_dir, config.resume_force)
+    return resume_dir, saved_run
+
+
+def pick_run_dir(config: Config, accelerator, resume_dir: Path | None) -> Path:
+    """Same directory on every process (the main one picks it)."""
     if config.run_dir is not None:
         run_dir = Path(config.run_dir)
     elif resume_dir is not None:
         run_dir = resume_dir.parent
     else:
         run_dir = default_run_dir(config)
-    run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else run_dir
+    return Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else run_dir
+
+
+@contextlib.contextmanager
+def claimed_run_dir(config: Config, accelerator, run_dir: Path, resume_dir: Path | None):
+    """run_dir locked for this run (main process) while the block runs; refused when it holds a run that this one does not
+    resume (unless overwrite=true). A run that fails before logging anything leaves no trace there."""
+    claim = on_main_process(accelerator, lambda: claim_run_dir(run_dir, resume_dir is not None, config.overwrite))
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        if claim is not None:
+            claim.release(failed=failed)
+
+
+def prepare_run_dir(config: Config, accelerator, run_dir: Path) -> None:
+    """Crash leftovers put right and config.yaml written before training; the setup is described."""
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.recover(run_dir)
         save_config(config, run_dir / "config.yaml")
-        console.print(f"run dir: {run_dir}")
+        console.print(describe_setup(config, accelerator, run_dir), soft_wrap=True, highlight=False)
     accelerator.wait_for_everyone()
-    return run_dir
+
+
+def run_summary(state: TrainState, run_dir: Path, seconds: float) -> str:
+    """The end of a run: what trained, the final eval, and where the outputs are."""
+    metrics = state.eval_metrics or {}
+    lines = [f"[green]done[/green]: {state.examples_seen} examples, {state.updates} updates in {seconds / 60:.1f} min; "
+             f"final eval loss {metrics.get('loss/eval', float('nan')):.4f}",
+             f"  policy (the input of DPO): {run_dir}/LATEST/policy.pt"]
+    if (run_dir / "hf").is_dir():
+        lines.append(f"  Hugging Face export:       {run_dir}/hf")
+    plots = sorted(p.name for p in run_dir.glob("*.png"))
+    if plots:
+        lines.append(f"  plots:                     {', '.join(str(run_dir / p) for p in plots)}")
+    return "\n".join(lines)
 
 
 def start_wandb(config: Config, run_dir: Path, accelerator):
