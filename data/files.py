@@ -101,7 +101,7 @@ def _json_rows(path: str) -> Iterator[tuple[str, dict]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
+                    raise DataError(f"{path}:{line_no}: invalid JSON at column {e.colno} ({e.msg})") from None
                 yield f"{path}:{line_no}", _check_object(f"{path}:{line_no}", row)
     except (gzip.BadGzipFile, EOFError) as e:
         raise DataError(f"{path}: corrupt gzip file after line {line_no} ({e})") from None
@@ -120,7 +120,7 @@ def _json_array_rows(path: str, text: str) -> Iterator[tuple[str, dict]]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(f"{path}:{e.lineno}: invalid JSON at column {e.colno} ({e.msg})") from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON array of objects or one object per line")
     for i, row in enumerate(rows):

@@ -47,8 +47,10 @@ CARD_HYPERPARAMETERS = (
 def run_config(checkpoint_dir: str | Path) -> Config:
     """The resolved config of the run that wrote `checkpoint_dir`: `{checkpoint_dir}/../config.yaml`."""
     checkpoint_dir = Path(checkpoint_dir)
-    if not (checkpoint_dir / "policy.pt").is_file() and (checkpoint_dir / "config.yaml").is_file():
-        found = [p.name for p in ckpt.complete_checkpoints(checkpoint_dir)]
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"{checkpoint_dir}: no such checkpoint directory (e.g. RUN_DIR/LATEST or RUN_DIR/step-N)")
+    found = [p.name for p in ckpt.complete_checkpoints(checkpoint_dir)]
+    if not (checkpoint_dir / "policy.pt").is_file() and ((checkpoint_dir / "config.yaml").is_file() or found):
         raise FileNotFoundError(f"{checkpoint_dir} is a run directory; pass one of its checkpoints: {found or 'none found'}")
     path = checkpoint_dir.parent / "config.yaml"
     if not path.is_file():

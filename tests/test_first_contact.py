@@ -146,9 +146,10 @@ def build_cases(root: Path) -> tuple[list[dict], dict[str, str], dict[str, Path]
         "resume_damaged": (sft + [f"resume_from={damaged}"], f"resume_from: {damaged} does not load ({damaged / 'policy.pt'}"),
         "resume_auto_all_damaged": (sft + [f"run_dir={damaged.parent}", "resume_from=auto"], "resume_from=auto: no checkpoint in"),
         # the other commands
-        "export_missing_checkpoint": (["-m", "modeling.export", "/no/ckpt", "--out", str(root / "exported")], "/no/ckpt: no run config"),
-        "export_run_dir": (["-m", "modeling.export", str(runs / "other"), "--out", str(root / "exported")], "no run config"),
-        "generate_missing_model": (["-m", "modeling.generate", "/no/model", "--prompt", "hi"], "/no/model: no run config"),
+        "export_missing_checkpoint": (["-m", "modeling.export", "/no/ckpt", "--out", str(root / "exported")], "/no/ckpt: no such checkpoint directory"),
+        "export_run_dir": (["-m", "modeling.export", str(runs / "other"), "--out", str(root / "exported")],
+                           f"{runs / 'other'} is a run directory; pass one of its checkpoints: ['step-64']"),
+        "generate_missing_model": (["-m", "modeling.generate", "/no/model", "--prompt", "hi"], "/no/model: no such checkpoint directory"),
         "generate_bad_prompts": (["-m", "modeling.generate", "/no/model", "--prompts-file", str(prompts)], f"{prompts}:2: not valid JSON"),
         "plots_missing_metrics": (["-m", "training.plots", str(metrics_only)], "metrics.jsonl"),
         "data_cli_bad_source": (["-m", "data", "stats", "hhh"], "'hhh' is neither a recipe file nor a dataset name"),

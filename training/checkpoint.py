@@ -313,7 +313,8 @@ def resolve_resume(resume_from: str, run_dir: str | Path | None) -> Path:
             if problem is None:
                 return path
             log.warning("resume_from=auto: skipping %s, it does not load (%s)", path, problem)
-        raise CheckpointError(f"resume_from=auto: no checkpoint in {run_dir} loads ({', '.join(p.name for p in found)} are damaged)")
+        raise CheckpointError(f"resume_from=auto: no checkpoint in {run_dir} loads (damaged: {', '.join(p.name for p in found)}); "
+                              "start over with overwrite=true or resume another run's checkpoint")
     path = Path(resume_from)
     if not is_complete(path):
         raise CheckpointError(f"resume_from: {path} is not a complete checkpoint (missing {MARKER}, one of "
