@@ -559,6 +559,11 @@ CHECKS: dict[str, Range | Choice | Text | Free] = {
     "batching": Choice(("reference", "length_bucketed")),
     "length_bucket_window": POSITIVE,
     "tokenize_num_proc": POSITIVE,
+    "data_num_proc": POSITIVE,
+    "cache_node_local": Free("true, false, or null to detect it from the file system"),
+    "save_full_optimizer": Free("true or false"),
+    "save_every_minutes": Range(0, strict=True),
+    "dist_timeout_minutes": Range(0, strict=True),
     "overwrite": Free("true or false"),
     "resume_force": Free("true or false"),
     "wandb.enabled": Free("true or false"),
@@ -673,8 +678,6 @@ def validate(config: Config, num_processes: int = 1) -> None:
 
         names = [n for n in dir(torch.optim) if n[0].isupper() and isinstance(getattr(torch.optim, n), type)]
         raise ConfigError(f"optimizer: torch.optim has no {config.optimizer!r}{suggest(config.optimizer, names)}")
-    if not math.isfinite(config.dist_timeout_minutes):
-        raise ConfigError(f"dist_timeout_minutes must be a finite number of minutes, got {config.dist_timeout_minutes}")
     if config.resume_from not in (None, "auto") and not Path(config.resume_from).is_dir():
         raise ConfigError(f"resume_from: checkpoint directory not found: {config.resume_from}")
     if config.resume_from == "auto" and config.run_dir is None:
