@@ -562,6 +562,7 @@ CHECKS: dict[str, Range | Choice | Text | Free] = {
     "data_num_proc": POSITIVE,
     "cache_node_local": Free("true, false, or null to detect it from the file system"),
     "save_full_optimizer": Free("true or false"),
+    "allow_tf32": Free("true or false"),
     "save_every_minutes": Range(0, strict=True),
     "dist_timeout_minutes": Range(0, strict=True),
     "overwrite": Free("true or false"),
