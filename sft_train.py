@@ -39,6 +39,7 @@ from training.loop import (build_optimizer, claimed_run_dir, gather_order, micro
                            run_summary, save, start_state, start_wandb, train)
 from training.rundir import check_resume, run_signature
 from training.plots import plot_run_or_warn
+from training.schedule import check_length, count_updates
 from training.throughput import ModelFlops, compute_dtype, device_peak_flops, model_flops, step_throughput, synchronize
 
 log = logging.getLogger("sft")
@@ -78,12 +79,14 @@ def main(argv: list[str] | None = None) -> Path | None:
         signature = run_signature(config, tokens_fingerprint(train_data))
         if resume_dir is not None:
             check_resume(saved_run, signature, resume_dir, config.resume_force)
+        n_updates = count_updates(len(train_data), config.batch_size, config.n_epochs, config.n_examples)
+        check_length(config, n_updates)  # a decay needs updates after its warmup
 
         prepare_run_dir(config, accelerator, run_dir)
         torch.manual_seed(config.seed)  # random_init models must not depend on earlier RNG use
         model = load_model(config.model, str(cache), **model_load_kwargs(config, accelerator))
         prepare_model(config, accelerator, model)
-        optimizer, scheduler = build_optimizer(config, model)
+        optimizer, scheduler = build_optimizer(config, model, n_updates)
         model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand: once per optimizer step
         state = start_state(config, accelerator, model, optimizer, scheduler, resume_dir, run_dir)
         state.run = signature

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 HUB_DATASETS = {"hh": "Anthropic/hh-rlhf", "shp": "stanfordnlp/SHP", "se": "HuggingFaceH4/stack-exchange-preferences"}
 LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors")
 CARD_HYPERPARAMETERS = (
-    "lr", "optimizer", "warmup_steps", "batch_size", "gradient_accumulation_steps", "max_grad_norm", "max_length",
+    "lr", "lr_schedule", "min_lr_ratio", "optimizer", "warmup_steps", "warmup_ratio", "batch_size", "gradient_accumulation_steps", "max_grad_norm", "max_length",
     "max_prompt_length", "n_epochs", "n_examples", "n_eval_examples", "seed",
 )
 

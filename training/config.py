@@ -121,11 +121,18 @@ class Config:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; a micro-batch holds batch_size / (this x data-parallel processes) examples per process."""
     lr: float = 5e-7
-    """Peak learning rate, reached after warmup_steps and then held constant (the reference has no decay)."""
+    """Peak learning rate, reached after warmup and then shaped by lr_schedule (the reference holds it constant). > 0."""
+    lr_schedule: str = "constant"
+    """After warmup: `constant` (the reference), `linear` or `cosine` decay to min_lr_ratio x lr over the run's optimizer
+    steps, which n_examples / n_epochs and the data size fix (formulas in training/schedule.py)."""
+    min_lr_ratio: float = 0.0
+    """Where linear and cosine end, as a fraction of lr, in [0, 1]."""
+    warmup_ratio: float | None = None
+    """Warmup as a fraction in [0, 1) of the run's optimizer steps (rounded up); when set, it replaces warmup_steps."""
     optimizer: str = "RMSprop"
     """Any torch.optim class name, built with (params, lr=lr) and torch defaults."""
     warmup_steps: int = 150
-    """Linear warmup length in optimizer steps: update k (from 0) uses lr * min(1, (k + 1) / (warmup_steps + 1))."""
+    """Linear warmup length in optimizer steps (>= 0): update k (from 0) uses lr * min(1, (k + 1) / (warmup_steps + 1))."""
     max_grad_norm: float = 10.0
     """Gradient clipping threshold (the logged grad_norm is the norm before clipping)."""
     max_length: int = 512
@@ -567,6 +574,9 @@ CHECKS: dict[str, Range | Choice | Text | Free] = {
     "dist_timeout_minutes": Range(0, strict=True),
     "overwrite": Free("true or false"),
     "resume_force": Free("true or false"),
+    "lr_schedule": Free("constant, linear or cosine (checked with the schedule)"),
+    "min_lr_ratio": Free("a number in [0, 1] (checked with the schedule)"),
+    "warmup_ratio": Free("a number in [0, 1) or null (checked with the schedule)"),
     "wandb.enabled": Free("true or false"),
     "wandb.entity": Free("any wandb entity"),
     "wandb.project": Text(),
@@ -664,6 +674,7 @@ def validate(config: Config, num_processes: int = 1) -> None:
     if config.n_eval_examples < config.eval_batch_size:
         raise ConfigError(f"n_eval_examples ({config.n_eval_examples}) is less than one eval batch "
                           f"(eval_batch_size={config.eval_batch_size}): the eval would score nothing")
+    check_schedule(config)
     if config.n_epochs is None and config.n_examples is None:
         raise ConfigError("set n_epochs or n_examples (training stops at whichever comes first)")
     step = config.gradient_accumulation_steps * num_processes
@@ -765,6 +776,7 @@ def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
 
 def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
+    check_schedule(config)
 
 
 def default_run_dir(config: Config) -> Path:

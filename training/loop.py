@@ -5,7 +5,7 @@
     with claimed_run_dir(config, accelerator, run_dir, resume_dir):   # refuses a finished or live run; locked while training
         ...                                                   # tokenizer, data; check_resume(saved_run, signature, ...)
         prepare_run_dir(config, accelerator, run_dir)         # config.yaml, and what is about to run
-        optimizer, scheduler = build_optimizer(config, model)
+        optimizer, scheduler = build_optimizer(config, model, n_updates)   # n_updates: training/schedule.py count_updates
         model, optimizer = accelerator.prepare(model, optimizer)
         state = start_state(config, accelerator, model, optimizer, scheduler, resume_dir, run_dir)   # fresh or resumed
         state.run = run_signature(config, data_fingerprint)   # recorded in every checkpoint, compared on resume
@@ -42,6 +42,7 @@ from training.distributed import (data_parallel, describe_setup, detached, full_
                                   load_full_state, load_sharded, parallel_mode, save_sharded, sharded)
 from training.logger import console
 from training.rundir import check_resume, claim_run_dir, on_main_process, run_signature
+from training.schedule import build_scheduler, schedule_of
 
 import logging
 
@@ -128,11 +129,11 @@ def continue_command(script: str, run_dir: Path, parent_argv: list[str] | None =
     return shlex.join([*words, f"{run_dir}/config.yaml", f"run_dir={run_dir}", "resume_from=auto"])
 
 
-def build_optimizer(config: Config, model: torch.nn.Module):
-    """`config.optimizer` over the model's parameters and the warmup schedule (stepped by hand, once per optimizer step)."""
+def build_optimizer(config: Config, model: torch.nn.Module, n_updates: int):
+    """`config.optimizer` over the model's parameters and the lr schedule over the run's `n_updates` optimizer steps
+    (training/schedule.py; stepped by hand, once per optimizer step)."""
     optimizer = getattr(torch.optim, config.optimizer)(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (config.warmup_steps + 1)))
-    return optimizer, scheduler
+    return optimizer, build_scheduler(optimizer, config, n_updates)
 
 
 def seed_everything(seed: int) -> None:
@@ -146,9 +147,13 @@ def start_state(config: Config, accelerator, model, optimizer, scheduler, resume
     if resume_dir is None:
         seed_everything(config.seed)
         return TrainState()
+    wanted = schedule_of(scheduler).describe()
     state = resume(resume_dir, model, optimizer, scheduler, accelerator, run_dir)
     if scheduler.base_lrs[0] != config.lr:
         log.warning("lr=%g is ignored: the resumed optimizer and schedule keep the checkpoint's lr=%g", config.lr, scheduler.base_lrs[0])
+    if schedule_of(scheduler).describe() != wanted:  # scheduler.pt carries the schedule it started (training/schedule.py)
+        log.warning("lr schedule %s is ignored: the resumed run continues the checkpoint's (%s)", wanted,
+                    schedule_of(scheduler).describe())
     return state
 
 
