@@ -28,8 +28,10 @@ from data.sft import build_split
 from data.tokenize import TokenizeSettings, tokens_fingerprint
 from modeling.export import finish_run
 from modeling.load import load_model, load_tokenizer
+from modeling.lora import add_adapters
 from modeling.loss import sequence_nll
 from training.cli import config_help, help_requested, run_main
+from training.adapters import trainable_parameters
 from training.config import Config, cache_dir, check_model_source, load_config, normalize_data_files, validate
 from training.distributed import (build_accelerator, check_setup, data_first, data_parallel, gather_dp, model_load_kwargs,
                                   parallel_mode, prepare_model, raise_open_file_limit, set_matmul_precision, synced_generate)
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         prepare_run_dir(config, accelerator, run_dir)
         torch.manual_seed(config.seed)  # random_init models must not depend on earlier RNG use
         model = load_model(config.model, str(cache), **model_load_kwargs(config, accelerator))
+        if config.lora.enabled:
+            model = add_adapters(model, config.lora)  # the base frozen; FSDP still wraps each model.block_name
+            log.info("LoRA: %d of %d parameters trainable", *trainable_parameters(model))
         prepare_model(config, accelerator, model)
         optimizer, scheduler = build_optimizer(config, model, n_updates)
         model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand: once per optimizer step

@@ -4,7 +4,8 @@
     python -m modeling.export runs/my_run/step-20000 --out exports/step-20000 --max-shard-size 2GB
     python -m modeling.export runs/my_run/LATEST --policy-keys transformers-4.29 --out policy_429.pt
 
-The HF directory loads with `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` and holds
+A LoRA run's export also holds `adapter/` (the adapter alone, for `PeftModel.from_pretrained(base, DIR/adapter)`); the
+directory itself is the merged model. The HF directory loads with `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` and holds
 safetensors shards, config.json (use_cache on), generation_config.json whose EOS and pad are the ones training used, the
 tokenizer, the run's resolved `config.yaml` and a README.md model card. Everything is rebuilt from the checkpoint's
 `policy.pt` and the run's `config.yaml` (the checkpoint's parent directory); the weights are never gathered again.
@@ -30,6 +31,7 @@ import yaml
 
 from modeling.load import disable_dropout, load_tokenizer, model_from_config
 from modeling.legacy_keys import to_transformers_429
+from modeling.lora import write_adapter
 from training import checkpoint as ckpt
 from training.cli import run_main
 from training.config import Config, ModelConfig, build_config
@@ -94,6 +96,8 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, max_shard_size: s
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
+    if (checkpoint_dir / "adapter.pt").is_file():  # a LoRA run: the adapter alone too, for PeftModel.from_pretrained
+        write_adapter(tmp / "adapter", ckpt.load_archive(checkpoint_dir / "adapter.pt")["state"], config)
     shutil.copyfile(checkpoint_dir.parent / "config.yaml", tmp / "config.yaml")
     (tmp / "README.md").write_text(model_card(config, archive, checkpoint_dir, command), encoding="utf-8")
     tidy(tmp)

@@ -102,18 +102,20 @@ def write_checkpoint(
     train_state: dict[str, Any],
     metrics: dict[str, Any],
     started: bool = False,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write `{run_dir}/{name}/` atomically (main process only). An existing directory of that name is replaced.
 
     `started`: the temporary directory already holds what the other processes wrote (the sharded resume state); otherwise
     it is made afresh. `optimizer_state` None writes no optimizer.pt (the sharded resume state holds the optimizer).
+    `extra` maps further file names to states saved in the same format (a LoRA run's `adapter.pt`).
     """
     run_dir = Path(run_dir)
     final = run_dir / name
     tmp = tmp_dir(run_dir, name) if started else start_checkpoint(run_dir, name)
     metrics = plain(metrics)
-    files = [("policy.pt", policy_state), ("optimizer.pt", optimizer_state), ("scheduler.pt", scheduler_state)]
-    for filename, state in files:
+    files = {"policy.pt": policy_state, "optimizer.pt": optimizer_state, "scheduler.pt": scheduler_state, **(extra or {})}
+    for filename, state in files.items():
         if state is not None:
             save_file({"step_idx": step_idx, "state": state, "metrics": metrics}, tmp / filename)
     save_file(train_state, tmp / "train_state.pt")

@@ -88,6 +88,24 @@ class LossConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train low-rank adapters (peft LoRA) on a frozen base model instead of all weights. policy.pt still holds the full
+    model (adapters merged: W + alpha / r * B A); the export adds the adapter alone in hf/adapter/."""
+    r: int = 16
+    """Adapter rank (>= 1)."""
+    alpha: float = 32.0
+    """Scale numerator (> 0): the adapter's update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input, in [0, 1). 0 keeps runs exactly reproducible across process counts."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (suffixes) that get adapters; `all-linear`: every linear layer except the LM head (for transformers
+    causal LMs: all linear layers of the blocks)."""
+    quantize: str | None = None
+    """`4bit`: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); null keeps the base in policy_dtype."""
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True
     """Log to Weights & Biases (main process only). Off in debug mode."""
@@ -113,6 +131,8 @@ class Config:
     """The policy model; `model=NAME` picks a preset."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The objective."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters instead of full fine-tuning (off by default)."""
 
     batch_size: int = 4
     """Global batch in examples per optimizer step: all processes x all micro-batches."""
@@ -574,6 +594,12 @@ CHECKS: dict[str, Range | Choice | Text | Free] = {
     "dist_timeout_minutes": Range(0, strict=True),
     "overwrite": Free("true or false"),
     "resume_force": Free("true or false"),
+    "lora.enabled": Free("true or false"),
+    "lora.r": Free("an integer >= 1 (checked with the other lora keys)"),
+    "lora.alpha": Free("a positive number (checked with the other lora keys)"),
+    "lora.dropout": Free("a number in [0, 1) (checked with the other lora keys)"),
+    "lora.target_modules": Free("module names, or [all-linear]"),
+    "lora.quantize": Free("4bit or null"),
     "lr_schedule": Free("constant, linear or cosine (checked with the schedule)"),
     "min_lr_ratio": Free("a number in [0, 1] (checked with the schedule)"),
     "warmup_ratio": Free("a number in [0, 1) or null (checked with the schedule)"),
@@ -675,6 +701,7 @@ def validate(config: Config, num_processes: int = 1) -> None:
         raise ConfigError(f"n_eval_examples ({config.n_eval_examples}) is less than one eval batch "
                           f"(eval_batch_size={config.eval_batch_size}): the eval would score nothing")
     check_schedule(config)
+    check_lora(config.lora)
     if config.n_epochs is None and config.n_examples is None:
         raise ConfigError("set n_epochs or n_examples (training stops at whichever comes first)")
     step = config.gradient_accumulation_steps * num_processes
@@ -777,6 +804,24 @@ def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
 def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
     check_schedule(config)
+
+
+QUANTIZE = ("4bit",)
+
+
+def check_lora(lora: LoraConfig) -> None:
+    if lora.r < 1:
+        raise ConfigError(f"lora.r must be at least 1, got {lora.r}")
+    if not lora.alpha > 0:
+        raise ConfigError(f"lora.alpha must be positive, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+    if not lora.target_modules or not all(lora.target_modules):
+        raise ConfigError(f"lora.target_modules: give module names or [all-linear], got {lora.target_modules}")
+    if lora.quantize is not None and lora.quantize not in QUANTIZE:
+        raise ConfigError(f"lora.quantize: {lora.quantize!r} is not one of {', '.join(QUANTIZE)} or null")
+    if lora.quantize is not None and not lora.enabled:
+        raise ConfigError("lora.quantize=4bit quantizes the frozen base of a LoRA run: set lora.enabled=true")
 
 
 def default_run_dir(config: Config) -> Path:

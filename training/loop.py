@@ -40,6 +40,7 @@ from training import checkpoint as ckpt
 from training.config import Config, default_run_dir, save_config
 from training.distributed import (data_parallel, describe_setup, detached, full_model_state, full_optimizer_state,
                                   load_full_state, load_sharded, parallel_mode, save_sharded, sharded)
+from training.adapters import checkpoint_weights
 from training.logger import console
 from training.rundir import check_resume, claim_run_dir, on_main_process, run_signature
 from training.schedule import build_scheduler, schedule_of
@@ -130,9 +131,10 @@ def continue_command(script: str, run_dir: Path, parent_argv: list[str] | None =
 
 
 def build_optimizer(config: Config, model: torch.nn.Module, n_updates: int):
-    """`config.optimizer` over the model's parameters and the lr schedule over the run's `n_updates` optimizer steps
+    """`config.optimizer` over the model's trainable parameters and the lr schedule over the run's `n_updates` optimizer steps
     (training/schedule.py; stepped by hand, once per optimizer step)."""
-    optimizer = getattr(torch.optim, config.optimizer)(model.parameters(), lr=config.lr)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # a LoRA run: the adapters only
+    optimizer = getattr(torch.optim, config.optimizer)(trainable, lr=config.lr)
     return optimizer, build_scheduler(optimizer, config, n_updates)
 
 
@@ -148,7 +150,7 @@ def start_state(config: Config, accelerator, model, optimizer, scheduler, resume
         seed_everything(config.seed)
         return TrainState()
     wanted = schedule_of(scheduler).describe()
-    state = resume(resume_dir, model, optimizer, scheduler, accelerator, run_dir)
+    state = resume(config, resume_dir, model, optimizer, scheduler, accelerator, run_dir)
     if scheduler.base_lrs[0] != config.lr:
         log.warning("lr=%g is ignored: the resumed optimizer and schedule keep the checkpoint's lr=%g", config.lr, scheduler.base_lrs[0])
     if schedule_of(scheduler).describe() != wanted:  # scheduler.pt carries the schedule it started (training/schedule.py)
@@ -294,8 +296,9 @@ def save(config, accelerator, model, optimizer, scheduler, state, run_dir, name)
     rng = gather_object([ckpt.rng_state()])  # one per process: ranks sample different prompts, so their generators differ
     if not main:
         return
+    weights = checkpoint_weights(model, policy_state, config.lora.enabled)  # LoRA: policy.pt merged, plus adapter.pt
     train_state = ckpt.plain({**asdict(state), "rng": rng, "logs": ckpt.log_sizes(run_dir)})
-    args = (config, run_dir, name, state.examples_seen, policy_state, optimizer_state, copy.deepcopy(scheduler.state_dict()),
+    args = (config, run_dir, name, state.examples_seen, weights, optimizer_state, copy.deepcopy(scheduler.state_dict()),
             train_state, state.eval_metrics or {}, is_sharded)
     if is_sharded:
         ckpt.writer.submit(write_and_prune, *detached(args, model, optimizer))
@@ -303,20 +306,25 @@ def save(config, accelerator, model, optimizer, scheduler, state, run_dir, name)
         write_and_prune(*args)
 
 
-def write_and_prune(config, run_dir, name, step_idx, policy_state, optimizer_state, scheduler_state, train_state, metrics,
+def write_and_prune(config, run_dir, name, step_idx, weights, optimizer_state, scheduler_state, train_state, metrics,
                     started) -> None:
-    ckpt.write_checkpoint(run_dir, name, step_idx, policy_state, optimizer_state, scheduler_state, train_state, metrics, started)
+    """`weights`: {"policy.pt": state} and, for a LoRA run, {"adapter.pt": state} (training/adapters.py)."""
+    extra = {k: v for k, v in weights.items() if k != "policy.pt"}
+    ckpt.write_checkpoint(run_dir, name, step_idx, weights["policy.pt"], optimizer_state, scheduler_state, train_state, metrics,
+                          started, extra)
     if name.startswith("step-"):
         ckpt.prune(run_dir, config.keep_last)
 
 
-def resume(path: Path, model, optimizer, scheduler, accelerator, run_dir: Path) -> TrainState:
+def resume(config: Config, path: Path, model, optimizer, scheduler, accelerator, run_dir: Path) -> TrainState:
     """Model, optimizer, scheduler, counters, data position and RNG of a checkpoint; in its own run_dir the logs are cut back
     to the checkpoint (see training/checkpoint.py), so the steps trained again are not logged twice."""
-    if ckpt.is_sharded(path):  # any number of processes, any mode
+    if ckpt.is_sharded(path):  # any number of processes, any mode (a LoRA run's shards hold base and adapters)
         load_sharded(model, optimizer, path / ckpt.RESUME_DIR)
     else:
-        load_full_state(accelerator, model, optimizer, path / "policy.pt", path / "optimizer.pt")
+        # LoRA: the frozen base is the one loaded at start, and policy.pt holds it merged, so only the adapters are loaded.
+        weights = path / "adapter.pt" if config.lora.enabled else path / "policy.pt"
+        load_full_state(accelerator, model, optimizer, weights, path / "optimizer.pt", partial=config.lora.enabled)
     scheduler.load_state_dict(ckpt.load_archive(path / "scheduler.pt")["state"])
     saved = ckpt.load_train_state(path / "train_state.pt")
     ckpt.set_rng_state(saved.pop("rng"), accelerator.process_index)
