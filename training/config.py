@@ -803,7 +803,26 @@ def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
 
 def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
-    check_schedule(config)
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def check_schedule(config: Config) -> None:
+    if not config.lr > 0:
+        raise ConfigError(f"lr must be positive, got {config.lr}")
+    if config.lr_schedule not in SCHEDULES:
+        raise ConfigError(f"lr_schedule: {config.lr_schedule!r} is not one of {', '.join(SCHEDULES)}"
+                          f"{suggest(config.lr_schedule, SCHEDULES)}")
+    if config.warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be at least 0, got {config.warmup_steps}")
+    if config.warmup_ratio is not None and not 0 <= config.warmup_ratio < 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1) or null, got {config.warmup_ratio}")
+    if not 0 <= config.min_lr_ratio <= 1:
+        raise ConfigError(f"min_lr_ratio must be in [0, 1], got {config.min_lr_ratio}")
+    if (config.lr_schedule != "constant" or config.warmup_ratio is not None) and config.n_epochs is None and config.n_examples is None:
+        what = f"lr_schedule={config.lr_schedule}" if config.lr_schedule != "constant" else "warmup_ratio"
+        raise ConfigError(f"{what} needs the run's length: set n_epochs or n_examples")
 
 
 QUANTIZE = ("4bit",)
