@@ -24,20 +24,25 @@ from pathlib import Path
 
 import torch
 
-from data.batches import collate_prompts, eval_plan, run_plan
+from data.batches import check_plan, collate_prompts, eval_plan, run_plan
 from data.pairs import build_pair_split, describe, pair_positions, pair_sides, prompt_groups
 from data.packing import collate_batch, tensor_tokens, to_device
 from data.tokenize import TokenizeSettings
 from modeling.dpo import pair_logps, pair_metrics, preference_loss
 from modeling.export import finish_run
 from modeling.load import load_model, load_tokenizer
-from training import checkpoint as ckpt
-from training.config import cache_dir, check_stage, load_config, normalize_data_files, validate
+from modeling.lora import add_adapters
+from training.adapters import trainable_parameters
+from training.cli import config_help, help_requested, run_main
+from training.config import Config, cache_dir, check_model_source, check_stage, load_config, normalize_data_files, validate
 from training.distributed import (build_accelerator, check_setup, data_first, data_parallel, gather_dp, model_load_kwargs,
                                   prepare_frozen, prepare_model, raise_open_file_limit, set_matmul_precision)
-from training.logger import MetricsLogger, console
-from training.loop import (build_optimizer, gather_order, generate_samples, micro_batches, no_sync_unless_last, optimizer_step,
-                           prepare_run_dir, raise_if_not_finite, restored_signal_handlers, start_state, start_wandb, train)
+from training.logger import MetricsLogger, check_wandb_credentials, console
+from training.loop import (build_optimizer, claimed_run_dir, gather_order, generate_samples, micro_batches, no_sync_unless_last, optimizer_step,
+                           pick_run_dir, prepare_run_dir, raise_if_not_finite, restored_signal_handlers, resume_point, run_summary,
+                           start_state, start_wandb, train)
+from training.rundir import check_resume, run_signature
+from training.schedule import check_length
 from training.plots import plot_run_or_warn
 from training.reference_logps import ReferenceLogps
 from training.throughput import step_throughput
@@ -45,65 +50,84 @@ from training.throughput import step_throughput
 log = logging.getLogger("dpo")
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = load_config(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    if help_requested(args)[0]:
+        print(config_help(Config, help_requested(args)[1], usage=__doc__.strip()))
+        return None
+    started = time.monotonic()
+    config = load_config(args)
+    check_wandb_credentials(config)
     accelerator = build_accelerator(config)
     validate(config, data_parallel(accelerator)[1])
     check_stage(config, "dpo_train.py")
+    check_model_source(config)  # model directory or hub cache, max_length within the model's positions: config.json only
     check_setup(config, accelerator)  # FSDP block name, TP plan, device_map: fail before loading anything
     for note in (raise_open_file_limit(accelerator), set_matmul_precision(config, accelerator.device)):
         if note:
             log.info(note)
     data_files = normalize_data_files(config.data_files, config.datasets, log.warning)
-    with accelerator.main_process_first():  # only the main process repairs a LATEST left between two renames by a crash
-        resume_dir = ckpt.resolve_resume(config.resume_from, config.run_dir) if config.resume_from else None
-    cache = cache_dir(config)
+    resume_dir, saved_run = resume_point(config, accelerator)
+    run_dir = pick_run_dir(config, accelerator, resume_dir)
+    with claimed_run_dir(config, accelerator, run_dir, resume_dir):  # refuses a finished or live run; locks run_dir
+        cache = cache_dir(config)
+        tokenizer = load_tokenizer(config.model)
+        settings = TokenizeSettings(config.max_length, config.max_prompt_length)
+        with data_first(accelerator, cache, config.cache_node_local):  # one process per cache prepares data; the others read it
+            train_pairs = build_pair_split(config.datasets, "train", data_files, tokenizer, settings, str(cache),
+                                           config.tokenize_num_proc, weights=config.dataset_weights, seed=config.seed,
+                                           data_num_proc=config.data_num_proc)
+            eval_pairs = build_pair_split(config.datasets, "test", data_files, tokenizer, settings, str(cache),
+                                          config.tokenize_num_proc, data_num_proc=config.data_num_proc)
+        if accelerator.is_main_process:
+            console.print(f"train: {describe(train_pairs)}\neval: {describe(eval_pairs)}", soft_wrap=True, highlight=False)
+        train_groups, eval_groups = prompt_groups(train_pairs), prompt_groups(eval_pairs)
+        check_plan(len(train_pairs), config.batch_size, config.n_epochs, config.n_examples, "training")  # before the model loads
+        check_plan(len(eval_pairs), config.eval_batch_size, None, config.n_eval_examples, "eval")
+        eval_batches = eval_plan(config, len(eval_pairs), eval_groups)
+        signature = run_signature(config)
+        if resume_dir is not None:
+            check_resume(saved_run, signature, resume_dir, config.resume_force)
+        n_updates = run_plan(config, train_pairs, 0, 0, train_groups)[1]
+        check_length(config, n_updates)  # a decay needs updates after its warmup
 
-    tokenizer = load_tokenizer(config.model)
-    settings = TokenizeSettings(config.max_length, config.max_prompt_length)
-    with data_first(accelerator, cache, config.cache_node_local):  # one process per cache prepares data; the others read it
-        train_pairs = build_pair_split(config.datasets, "train", data_files, tokenizer, settings, str(cache),
-                                       config.tokenize_num_proc, weights=config.dataset_weights, seed=config.seed,
-                                       data_num_proc=config.data_num_proc)
-        eval_pairs = build_pair_split(config.datasets, "test", data_files, tokenizer, settings, str(cache),
-                                      config.tokenize_num_proc, data_num_proc=config.data_num_proc)
-    if accelerator.is_main_process:
-        console.print(f"train: {describe(train_pairs)}\neval: {describe(eval_pairs)}", soft_wrap=True, highlight=False)
-    train_groups, eval_groups = prompt_groups(train_pairs), prompt_groups(eval_pairs)
-    eval_batches = eval_plan(config, len(eval_pairs), eval_groups)
+        prepare_run_dir(config, accelerator, run_dir)
+        torch.manual_seed(config.seed)  # random_init models must not depend on earlier RNG use
+        reference = load_reference(config, accelerator, str(cache))
+        score = functools.partial(score_pairs, config, accelerator, tokenizer.pad_token_id)
+        reference_logps = ReferenceLogps(config, accelerator, reference, score, cache)
+        if config.reference_logps == "precompute":
+            visited = [i for plan in run_plan(config, train_pairs, 0, 0, train_groups)[0] for i in plan.indices]
+            eval_visited = [i for batch in eval_batches for i in batch]
+            reference_logps.precompute({"train": (train_pairs, visited), "eval": (eval_pairs, eval_visited)})
+            reference = reference_logps.model = None
+            gc.collect()
+        torch.manual_seed(config.seed)
+        model = load_model(config.model, str(cache), **model_load_kwargs(config, accelerator))
+        if config.lora.enabled:
+            model = add_adapters(model, config.lora)  # the base frozen; FSDP still wraps each model.block_name
+            log.info("LoRA: %d of %d parameters trainable", *trainable_parameters(model))
+        prepare_model(config, accelerator, model)
+        optimizer, scheduler = build_optimizer(config, model, n_updates)
+        model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand: once per optimizer step
+        state = start_state(config, accelerator, model, optimizer, scheduler, resume_dir, run_dir)
+        state.run = signature
 
-    run_dir = prepare_run_dir(config, accelerator, resume_dir)
-    torch.manual_seed(config.seed)  # random_init models must not depend on earlier RNG use
-    reference = load_reference(config, accelerator, str(cache))
-    score = functools.partial(score_pairs, config, accelerator, tokenizer.pad_token_id)
-    reference_logps = ReferenceLogps(config, accelerator, reference, score, cache)
-    if config.reference_logps == "precompute":
-        visited = [i for plan in run_plan(config, train_pairs, 0, 0, train_groups)[0] for i in plan.indices]
-        eval_visited = [i for batch in eval_batches for i in batch]
-        reference_logps.precompute({"train": (train_pairs, visited), "eval": (eval_pairs, eval_visited)})
-        reference = reference_logps.model = None
-        gc.collect()
-    torch.manual_seed(config.seed)
-    model = load_model(config.model, str(cache), **model_load_kwargs(config, accelerator))
-    prepare_model(config, accelerator, model)
-    optimizer, scheduler = build_optimizer(config, model)
-    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand: once per optimizer step
-    state = start_state(config, accelerator, model, optimizer, scheduler, resume_dir, run_dir)
-
-    logger = MetricsLogger(run_dir, start_wandb(config, run_dir, accelerator), config.minimum_log_interval_secs,
-                           enabled=accelerator.is_main_process)
-    plans, n_planned = run_plan(config, train_pairs, state.epoch, state.offset, train_groups)
-    step = functools.partial(train_step, config, accelerator, model, optimizer, scheduler, train_pairs, tokenizer.pad_token_id,
-                             reference_logps, state, run_dir)
-    evaluate_now = functools.partial(evaluate, config, accelerator, model, tokenizer, eval_pairs, eval_batches, reference_logps,
-                                     state, logger)
-    with restored_signal_handlers():
-        finished = train(config, accelerator, model, optimizer, scheduler, plans, n_planned, state, run_dir, logger,
-                         train_step=step, evaluate=evaluate_now, script="dpo_train.py")
-    if finished and accelerator.is_main_process:
-        finish_run(config, run_dir)  # {run_dir}/hf from LATEST/policy.pt (no second gather)
-        plot_run_or_warn(run_dir)
+        logger = MetricsLogger(run_dir, start_wandb(config, run_dir, accelerator), config.minimum_log_interval_secs,
+                               enabled=accelerator.is_main_process)
+        plans, n_planned = run_plan(config, train_pairs, state.epoch, state.offset, train_groups)
+        step = functools.partial(train_step, config, accelerator, model, optimizer, scheduler, train_pairs, tokenizer.pad_token_id,
+                                 reference_logps, state, run_dir)
+        evaluate_now = functools.partial(evaluate, config, accelerator, model, tokenizer, eval_pairs, eval_batches,
+                                         reference_logps, state, logger)
+        with restored_signal_handlers():
+            finished = train(config, accelerator, model, optimizer, scheduler, plans, n_planned, state, run_dir, logger,
+                             train_step=step, evaluate=evaluate_now, script="dpo_train.py")
+        if finished and accelerator.is_main_process:
+            finish_run(config, run_dir)  # {run_dir}/hf from LATEST/policy.pt (no second gather)
+            plot_run_or_warn(run_dir)
+            console.print(run_summary(state, run_dir, time.monotonic() - started), soft_wrap=True, highlight=False)
     return run_dir
 
 
@@ -192,4 +216,4 @@ def score_pairs(config, accelerator, pad_id, model, pairs: list[dict], batch=Non
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -20,72 +20,97 @@ from pathlib import Path
 
 import torch
 
-from data.batches import collate_prompts, eval_plan, run_plan
+from data.batches import check_plan, collate_prompts, eval_plan, run_plan
 from data.packing import collate_batch, tensor_tokens, to_device
 from data.sft import build_split
-from data.tokenize import TokenizeSettings
+from data.tokenize import TokenizeSettings, tokens_fingerprint
 from modeling.export import finish_run
 from modeling.load import load_model, load_tokenizer
+from modeling.lora import add_adapters
 from modeling.loss import sequence_nll
-from training import checkpoint as ckpt
-from training.config import cache_dir, check_stage, load_config, normalize_data_files, validate
+from training.cli import config_help, help_requested, run_main
+from training.adapters import trainable_parameters
+from training.config import Config, cache_dir, check_model_source, check_stage, load_config, normalize_data_files, validate
 from training.distributed import (build_accelerator, check_setup, data_first, data_parallel, gather_dp, model_load_kwargs,
                                   parallel_mode, prepare_model, raise_open_file_limit, set_matmul_precision)
-from training.logger import MetricsLogger
-from training.loop import (build_optimizer, gather_order, generate_samples, micro_batches, no_sync_unless_last, optimizer_step, prepare_run_dir,
-                           raise_if_not_finite, restored_signal_handlers, save, start_state, start_wandb, train)
+from training.logger import MetricsLogger, check_wandb_credentials, console
+from training.loop import (build_optimizer, claimed_run_dir, gather_order, generate_samples, micro_batches, no_sync_unless_last, optimizer_step,
+                           pick_run_dir, prepare_run_dir, raise_if_not_finite, restored_signal_handlers, resume_point,
+                           run_summary, save, start_state, start_wandb, train)
+from training.rundir import check_resume, run_signature
 from training.plots import plot_run_or_warn
+from training.schedule import check_length, count_updates
 from training.throughput import ModelFlops, compute_dtype, device_peak_flops, model_flops, step_throughput, synchronize
 
 log = logging.getLogger("sft")
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = load_config(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    if help_requested(args)[0]:
+        print(config_help(Config, help_requested(args)[1], usage=__doc__.strip()))
+        return None
+    started = time.monotonic()
+    config = load_config(args)
+    check_wandb_credentials(config)
     accelerator = build_accelerator(config)
     validate(config, data_parallel(accelerator)[1])
     check_stage(config, "sft_train.py")
+    check_model_source(config)  # model directory or hub cache, max_length within the model's positions: config.json only
     check_setup(config, accelerator)  # FSDP block name, TP plan, device_map: fail before loading anything
     for note in (raise_open_file_limit(accelerator), set_matmul_precision(config, accelerator.device)):
         if note:
             log.info(note)
     data_files = normalize_data_files(config.data_files, config.datasets, log.warning)
-    with accelerator.main_process_first():  # only the main process repairs a LATEST left between two renames by a crash
-        resume_dir = ckpt.resolve_resume(config.resume_from, config.run_dir) if config.resume_from else None
-    cache = cache_dir(config)
+    resume_dir, saved_run = resume_point(config, accelerator)
+    run_dir = pick_run_dir(config, accelerator, resume_dir)
+    with claimed_run_dir(config, accelerator, run_dir, resume_dir):  # refuses a finished or live run; locks run_dir
+        cache = cache_dir(config)
+        tokenizer = load_tokenizer(config.model)
+        settings = TokenizeSettings(config.max_length, config.max_prompt_length)
+        with data_first(accelerator, cache, config.cache_node_local):  # one process per cache prepares data; the others read it
+            train_data = build_split(config.datasets, "train", data_files, tokenizer, settings, str(cache),
+                                     config.tokenize_num_proc, weights=config.dataset_weights, seed=config.seed,
+                                     data_num_proc=config.data_num_proc)
+            eval_data = build_split(config.datasets, "test", data_files, tokenizer, settings, str(cache), config.tokenize_num_proc,
+                                    data_num_proc=config.data_num_proc)
+        check_plan(len(train_data), config.batch_size, config.n_epochs, config.n_examples, "training")  # before the model loads
+        check_plan(len(eval_data), config.eval_batch_size, None, config.n_eval_examples, "eval")
+        signature = run_signature(config, tokens_fingerprint(train_data))
+        if resume_dir is not None:
+            check_resume(saved_run, signature, resume_dir, config.resume_force)
+        n_updates = count_updates(len(train_data), config.batch_size, config.n_epochs, config.n_examples)
+        check_length(config, n_updates)  # a decay needs updates after its warmup
 
-    tokenizer = load_tokenizer(config.model)
-    settings = TokenizeSettings(config.max_length, config.max_prompt_length)
-    with data_first(accelerator, cache, config.cache_node_local):  # one process per cache prepares data; the others read it
-        train_data = build_split(config.datasets, "train", data_files, tokenizer, settings, str(cache), config.tokenize_num_proc,
-                                 weights=config.dataset_weights, seed=config.seed, data_num_proc=config.data_num_proc)
-        eval_data = build_split(config.datasets, "test", data_files, tokenizer, settings, str(cache), config.tokenize_num_proc,
-                                data_num_proc=config.data_num_proc)
+        prepare_run_dir(config, accelerator, run_dir)
+        torch.manual_seed(config.seed)  # random_init models must not depend on earlier RNG use
+        model = load_model(config.model, str(cache), **model_load_kwargs(config, accelerator))
+        if config.lora.enabled:
+            model = add_adapters(model, config.lora)  # the base frozen; FSDP still wraps each model.block_name
+            log.info("LoRA: %d of %d parameters trainable", *trainable_parameters(model))
+        prepare_model(config, accelerator, model)
+        optimizer, scheduler = build_optimizer(config, model, n_updates)
+        model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand: once per optimizer step
+        state = start_state(config, accelerator, model, optimizer, scheduler, resume_dir, run_dir)
+        state.run = signature
 
-    run_dir = prepare_run_dir(config, accelerator, resume_dir)
-    torch.manual_seed(config.seed)  # random_init models must not depend on earlier RNG use
-    model = load_model(config.model, str(cache), **model_load_kwargs(config, accelerator))
-    prepare_model(config, accelerator, model)
-    optimizer, scheduler = build_optimizer(config, model)
-    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand: once per optimizer step
-    state = start_state(config, accelerator, model, optimizer, scheduler, resume_dir, run_dir)
-
-    logger = MetricsLogger(run_dir, start_wandb(config, run_dir, accelerator), config.minimum_log_interval_secs,
-                           enabled=accelerator.is_main_process)
-    plans, n_planned = run_plan(config, train_data, state.epoch, state.offset)
-    peak = device_peak_flops(accelerator.device, compute_dtype(config.model.policy_dtype, config.model.fsdp_policy_mp,
-                                                               parallel_mode(accelerator) == "fsdp", config.allow_tf32))
-    step = functools.partial(train_step, config, accelerator, model, optimizer, scheduler, train_data, tokenizer.pad_token_id,
-                             state, run_dir, flops=model_flops(accelerator.unwrap_model(model)), peak_flops=peak)
-    evaluate_now = functools.partial(evaluate, config, accelerator, model, tokenizer, eval_data, eval_plan(config, len(eval_data)),
-                                     state, logger)
-    with restored_signal_handlers():
-        finished = train(config, accelerator, model, optimizer, scheduler, plans, n_planned, state, run_dir, logger,
-                         train_step=step, evaluate=evaluate_now, script="sft_train.py")
-    if finished and accelerator.is_main_process:
-        finish_run(config, run_dir)  # {run_dir}/hf from LATEST/policy.pt (no second gather)
-        plot_run_or_warn(run_dir)
+        logger = MetricsLogger(run_dir, start_wandb(config, run_dir, accelerator), config.minimum_log_interval_secs,
+                               enabled=accelerator.is_main_process)
+        plans, n_planned = run_plan(config, train_data, state.epoch, state.offset)
+        peak = device_peak_flops(accelerator.device, compute_dtype(config.model.policy_dtype, config.model.fsdp_policy_mp,
+                                                                   parallel_mode(accelerator) == "fsdp", config.allow_tf32))
+        step = functools.partial(train_step, config, accelerator, model, optimizer, scheduler, train_data, tokenizer.pad_token_id,
+                                 state, run_dir, flops=model_flops(accelerator.unwrap_model(model)), peak_flops=peak)
+        evaluate_now = functools.partial(evaluate, config, accelerator, model, tokenizer, eval_data,
+                                         eval_plan(config, len(eval_data)), state, logger)
+        with restored_signal_handlers():
+            finished = train(config, accelerator, model, optimizer, scheduler, plans, n_planned, state, run_dir, logger,
+                             train_step=step, evaluate=evaluate_now, script="sft_train.py")
+        if finished and accelerator.is_main_process:
+            finish_run(config, run_dir)  # {run_dir}/hf from LATEST/policy.pt (no second gather)
+            plot_run_or_warn(run_dir)
+            console.print(run_summary(state, run_dir, time.monotonic() - started), soft_wrap=True, highlight=False)
     return run_dir
 
 
@@ -165,4 +190,4 @@ def evaluate(config, accelerator, model, tokenizer, eval_data, eval_batches, sta
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,7 +8,9 @@ with the real `train_step` of sft_train.py on the 300 real HH rows under ../shar
 tokenizer; the demo rows of recipes/demo when that file is absent), max_length 512, batch 8, RMSprop.
 
 Modes: padded (the reference: reference order, right padding, full logits), +sup (loss.supervised_logits_only), bucketed
-(batching=length_bucketed), packed (packing=true), +varlen (model.attn_implementation=sdpa_packed); --compile adds packed+sup
+(batching=length_bucketed), packed (packing=true), +varlen (model.attn_implementation=sdpa_packed); any mode may end in +lora
+(LoRA adapters of rank 16 on every linear layer of the blocks, the base frozen: `--modes packed+sup+varlen,packed+sup+varlen+lora`
+compares it with full fine-tuning, whose losses then differ by design); --compile adds packed+sup
 under torch.compile (on CPU it recompiles for every new shape, so a short run mostly measures compilation).
 
 Every mode runs in its own worker process (so peak RSS is its own) holding its own copy of the model; the parent asks the
@@ -51,6 +53,11 @@ MODES = {
 }
 
 
+def base_mode(mode: str) -> str:
+    """The MODES entry under the suffixes: +lora (LoRA r=16 on all linear layers, base frozen), +compile."""
+    return mode.replace("+lora", "").replace("+compile", "")
+
+
 def worker(mode: str, args: argparse.Namespace, conn) -> None:
     """Build the mode's run, then run one training step per message and answer with its metrics."""
     import torch
@@ -61,10 +68,13 @@ def worker(mode: str, args: argparse.Namespace, conn) -> None:
     from data.sft import build_split
     from data.tokenize import TokenizeSettings
     from modeling.load import load_tokenizer
-    from training.config import load_config
+    from data.batches import plan_train_batches
+    from modeling.lora import add_adapters
+    from training.config import LoraConfig, load_config
+    from training.loop import TrainState
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    batching, packing, supervised_only, attn = MODES[mode.removesuffix("+compile")]
+    batching, packing, supervised_only, attn = MODES[base_mode(mode)]
     work = Path(args.work_dir)
     config = load_config([
         "exp_name=throughput", f"model.name_or_path={args.tokenizer}", f"batch_size={args.batch_size}",
@@ -76,7 +86,7 @@ def worker(mode: str, args: argparse.Namespace, conn) -> None:
     files = {args.dataset: {"train": [str(args.data)]}}
     data = build_split([args.dataset], "train", files, tokenizer, TokenizeSettings(config.max_length, config.max_prompt_length),
                        str(work / "cache"))
-    plans = sft_train.plan_train_batches(config.batching, data, config.batch_size, config.seed, config.n_epochs, None)
+    plans = plan_train_batches(config.batching, data, config.batch_size, config.seed, config.n_epochs, None)
     torch.manual_seed(0)
     model_config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
@@ -84,19 +94,21 @@ def worker(mode: str, args: argparse.Namespace, conn) -> None:
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
     )
     model = transformers.AutoModelForCausalLM.from_config(model_config, attn_implementation=attn)
+    if "+lora" in mode:  # the recipes' adapters: rank 16 on every linear layer of the blocks
+        model = add_adapters(model, LoraConfig(enabled=True, r=16, alpha=32))
     accelerator = Accelerator(cpu=True)
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     if mode.endswith("+compile"):
         model = torch.compile(model, dynamic=True)
-    state = sft_train.TrainState()
+    state = TrainState()
     conn.send("ready")
     while conn.recv() == "step":
         plan = next(plans)
         cpu_start = time.process_time()
-        metrics = sft_train.train_step(config, accelerator, model, optimizer, scheduler, [data[i] for i in plan.indices],
-                                       tokenizer.pad_token_id, state, work)
+        metrics = sft_train.train_step(config, accelerator, model, optimizer, scheduler, data, tokenizer.pad_token_id, state, work,
+                                       plan.indices)
         metrics["cpu_seconds"] = time.process_time() - cpu_start
         metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         conn.send(metrics)
@@ -116,7 +128,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also run the best mode under torch.compile")
     args = parser.parse_args()
     modes = args.modes.split(",")
-    unknown = [m for m in modes if m.removesuffix("+compile") not in MODES]
+    unknown = [m for m in modes if base_mode(m) not in MODES]
     if unknown:
         parser.error(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
     if args.compile:
@@ -185,7 +197,7 @@ def print_table(modes: list[str], results: dict[str, list[dict]], args: argparse
     print("-" * len(header))
     for mode in modes:
         s = stats[mode]
-        same_order = MODES[mode.removesuffix("+compile")][0] == "reference"
+        same_order = MODES[base_mode(mode)][0] == "reference"
         diff = max(abs(a - b) / abs(b) for a, b in zip(s["losses"], base_losses)) if same_order else float("nan")
         ratio = {k: s[k] / base[k] for k in ("tokens_per_second", "supervised_tokens_per_second", "step_seconds",
                                                "tokens_per_cpu_second", "peak_rss_mb")}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,8 +29,9 @@ from data.files import DataError
 from data.records import LOADERS, load_records
 from data.sft import build_split
 from data.tokenize import TokenizeSettings
-from training.config import (Config, ConfigError, build_config, cache_dir, load_recipe, normalize_data_files, parse_value,
-                             set_dotted)
+from training.cli import normalize_args, run_main
+from training.config import (Config, ConfigError, build_config, cache_dir, load_recipe, locate_model_file, normalize_data_files,
+                             parse_value, set_dotted)
 
 log = logging.getLogger("data")
 
@@ -65,7 +67,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """The recipe (or a one-dataset config) with the overrides applied, as sft_train.py would build it."""
     if Path(args.source).is_file() or args.source.endswith((".yaml", ".yml")):
         if args.data_files or args.tokenizer:
-            raise SystemExit("--data_files and --tokenizer are for a dataset name; with a recipe use data_files.X.split=... "
+            raise ConfigError("--data_files and --tokenizer are for a dataset name; with a recipe use data_files.X.split=... "
                              "and model.name_or_path=... overrides")
         tree = load_recipe(args.source)
     elif args.source in LOADERS:
@@ -75,10 +77,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if args.tokenizer:
             tree["model"] = {"name_or_path": args.tokenizer}
     else:
-        raise SystemExit(f"{args.source!r} is neither a recipe file nor a dataset name ({', '.join(LOADERS)})")
+        raise ConfigError(f"{args.source!r} is neither a recipe file nor a dataset name ({', '.join(LOADERS)})")
     for item in args.overrides:
         if "=" not in item:
-            raise SystemExit(f"unexpected argument {item!r}: overrides are key=value")
+            raise ConfigError(f"unexpected argument {item!r}: overrides are key=value")
         key, _, raw = item.partition("=")
         set_dotted(tree, key.strip(), parse_value(raw))
     return build_config(tree)
@@ -89,7 +91,9 @@ def load_split(config: Config, split: str):
     from training.tokenizer import load_tokenizer  # imported here: export needs no tokenizer
 
     if not (config.model.tokenizer_name_or_path or config.model.name_or_path):
-        raise SystemExit("no tokenizer: give --tokenizer PATH or model.name_or_path=PATH")
+        raise ConfigError("no tokenizer: give --tokenizer PATH or model.name_or_path=PATH")
+    locate_model_file("--tokenizer / model.tokenizer_name_or_path", config.model.tokenizer_name_or_path or config.model.name_or_path,
+                      "tokenizer_config.json")
     tokenizer = load_tokenizer(config.model)
     settings = TokenizeSettings(config.max_length, config.max_prompt_length)
     data_files = normalize_data_files(config.data_files, config.datasets, log.warning)
@@ -145,7 +149,9 @@ def export(args: argparse.Namespace) -> None:
     config = config_from_args(args)
     data_files = normalize_data_files(config.data_files, config.datasets, log.warning)
     cache = str(cache_dir(config))
-    out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
+    # A file is written under a temporary name and renamed at the end, so a failed export leaves no partial file.
+    tmp = None if args.out == "-" else Path(args.out).with_name(f".{Path(args.out).name}.tmp-{os.getpid()}")
+    out = sys.stdout if tmp is None else open(tmp, "w", encoding="utf-8")
     try:
         n = 0
         for name in config.datasets:
@@ -155,10 +161,14 @@ def export(args: argparse.Namespace) -> None:
                         "sft_target": record["sft_target"]}
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
                 n += 1
-    finally:
-        if out is not sys.stdout:
+    except BaseException:
+        if tmp is not None:
             out.close()
-    if out is not sys.stdout:
+            tmp.unlink(missing_ok=True)
+        raise
+    if tmp is not None:
+        out.close()
+        os.replace(tmp, args.out)
         print(f"wrote {n} records to {args.out}", file=sys.stderr)
 
 
@@ -170,7 +180,7 @@ def padding_fraction(lengths: list[int], batch_size: int, seed: int) -> float:
         padded += max(batch) * len(batch)
         real += sum(batch)
     if padded == 0:
-        raise SystemExit(f"{len(lengths)} examples make no full batch of {batch_size}")
+        raise ConfigError(f"--batch_size: {len(lengths)} examples make no full batch of {batch_size}")
     return 1 - real / padded
 
 
@@ -211,11 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     datasets.disable_progress_bars()
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        {"preview": preview, "export": export, "stats": stats}[args.command](args)
-    except (DataError, ConfigError, FileNotFoundError) as e:  # bad input: the message names the culprit; no traceback
-        raise SystemExit(f"error: {e}") from None
+    {"preview": preview, "export": export, "stats": stats}[args.command](args)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

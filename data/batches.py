@@ -15,6 +15,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from data.files import DataError
+
 N_EPOCH_SEEDS = 1_000_000  # the reference draws this many; the first draws do not depend on the count but keep it identical
 
 
@@ -39,14 +41,14 @@ def epoch_order(n: int, seed: int, epoch: int, seeds: np.ndarray | None = None) 
     return order
 
 
-def check_plan(n: int, batch_size: int, n_epochs: int | None, n_examples: int | None) -> None:
-    """Settings under which iteration would never start or never end."""
+def check_plan(n: int, batch_size: int, n_epochs: int | None, n_examples: int | None, what: str = "") -> None:
+    """Settings under which iteration would never start or never end (`what` names the split in the message)."""
     if n_epochs is None and n_examples is None:
         raise ValueError("n_epochs or n_examples must be set")
     if n == 0:
-        raise ValueError("no examples to batch")
-    if n_examples is not None and n < batch_size and n_epochs is None:
-        raise ValueError(f"only {n} example(s), fewer than one batch of {batch_size}: no batch can ever be formed")
+        raise DataError("no examples to batch")
+    if n < batch_size:
+        raise DataError(f"only {n} {what + ' ' if what else ''}example(s), fewer than one batch of {batch_size}: no batch can ever be formed")
 
 
 def plan_batches(

@@ -5,8 +5,9 @@
         conversations = load_conversations(paths)          # [(where, messages)] with where = "file.jsonl:LINE"
     [(ids, mask)] = tokenize_conversations([messages], ["example id"], tokenizer)
 
-A chat row is `{"messages": [{"role": "system" | "user" | "assistant" | ..., "content": str}, ...]}` with at least one
-assistant message; other keys of a message are passed to the chat template untouched. The conversation is rendered with the
+A chat row is `{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}` with at least one
+assistant message (any other role is an error naming file, line and role); other keys of a message are passed to the chat
+template untouched. The conversation is rendered with the
 tokenizer's chat template (or, when it has none, HH_CHAT_TEMPLATE: the "\\n\\nHuman: ... \\n\\nAssistant: ..." transcript form of
 the preference datasets) and tokenized once, without special tokens, with the fast tokenizer's offset mapping.
 
@@ -21,6 +22,7 @@ unless that turn already contains it; an EOS inside a message's content is an er
 from __future__ import annotations
 
 import bisect
+import difflib
 import json
 
 from data.files import DataError, iter_rows
@@ -33,6 +35,10 @@ HH_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
 )
+
+
+ROLES = ("system", "user", "assistant")
+ROLE_ALIASES = {"human": "user", "prompter": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
 
 
 def is_chat_data(paths: list[str]) -> bool:
@@ -49,6 +55,11 @@ def check_messages(where: str, row: dict) -> list[dict]:
     for j, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
             raise DataError(f"{where}: messages[{j}] must be an object with string fields 'role' and 'content', got {message!r:.100}")
+        if message["role"] not in ROLES:
+            close = difflib.get_close_matches(message["role"].lower(), ROLES, n=1, cutoff=0.6)
+            close = close or [ROLE_ALIASES[message["role"].lower()]] if message["role"].lower() in ROLE_ALIASES else close
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DataError(f"{where}: messages[{j}] has role {message['role']!r}{hint}; roles are {', '.join(ROLES)}")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant message, so nothing would be supervised")
     return messages

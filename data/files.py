@@ -14,10 +14,12 @@ import json
 import os
 from typing import Iterator
 
+from training.errors import UserError
+
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file and line."""
 
 
@@ -82,35 +84,43 @@ def _json_rows(path: str) -> Iterator[tuple[str, dict]]:
     opener = gzip.open if path.endswith(".gz") else open
     line_no = 0
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rb") as f:
             if path.endswith((".json", ".json.gz")):
                 # A .json file is either JSON lines or one array; peek at the first non-blank character to tell.
-                text = f.read()
-                if text.lstrip().startswith("["):
-                    yield from _json_array_rows(path, text)
+                data = f.read()
+                if data.lstrip().startswith(b"["):
+                    yield from _json_array_rows(path, _decode(path, data, 0))
                     return
-                lines = iter(text.splitlines())
+                lines = iter(data.splitlines())
             else:
                 lines = f
-            for line_no, line in enumerate(lines, start=1):
+            for line_no, raw in enumerate(lines, start=1):
+                line = _decode(path, raw, line_no)  # line by line, so a bad byte is reported on its own line
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
+                    raise DataError(f"{path}:{line_no}: invalid JSON at column {e.colno} ({e.msg})") from None
                 yield f"{path}:{line_no}", _check_object(f"{path}:{line_no}", row)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{line_no + 1}: not valid UTF-8 ({e.reason})") from None
     except (gzip.BadGzipFile, EOFError) as e:
         raise DataError(f"{path}: corrupt gzip file after line {line_no} ({e})") from None
+
+
+def _decode(path: str, raw: bytes, line_no: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not line_no:  # a whole-file JSON array: count the lines up to the bad byte
+            line_no = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") from None
 
 
 def _json_array_rows(path: str, text: str) -> Iterator[tuple[str, dict]]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(f"{path}:{e.lineno}: invalid JSON at column {e.colno} ({e.msg})") from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON array of objects or one object per line")
     for i, row in enumerate(rows):

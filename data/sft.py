@@ -19,9 +19,9 @@ import random
 import datasets
 
 from data.chat import conversation_json, is_chat_data, load_conversations
-from data.files import DataError, resolve_paths
+from data.files import DataError, iter_rows, resolve_paths
 from data.records import TRUNCATION_MODE, load_records
-from data.tokenize import TokenizeSettings, tokenize_examples
+from data.tokenize import EosInTextError, TokenizeSettings, tokenize_examples
 
 COLUMNS = ("prompt", "target", "mode", "example_id", "messages")
 
@@ -89,4 +89,20 @@ def build_split(
 ) -> datasets.Dataset:
     """Tokenized examples (columns in data/tokenize.py); raises DataError when the split ends up empty."""
     examples = sft_examples(names, split, data_files, cache_dir, weights, seed, data_num_proc)
-    return tokenize_examples(examples, tokenizer, settings, cache_dir=cache_dir, num_proc=num_proc)
+    try:
+        return tokenize_examples(examples, tokenizer, settings, cache_dir=cache_dir, num_proc=num_proc)
+    except EosInTextError as e:
+        where = locate_text(data_files.get(e.example_id.split("/")[0], {}).get(split), e.eos_text)
+        if where is None:
+            raise
+        raise EosInTextError(e.example_id, e.part, e.eos_text, where) from None
+
+
+def locate_text(files: list[str] | None, text: str) -> str | None:
+    """file:line of the first local row with `text` in one of its string fields (None for hub data or when not found)."""
+    if not files:
+        return None
+    for where, row in iter_rows(resolve_paths(files)):
+        if any(isinstance(v, str) and text in v for v in row.values()):
+            return where
+    return None

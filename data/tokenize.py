@@ -18,7 +18,8 @@ Chat rows are rendered and masked by data/chat.py; their prompt is every token b
 the rest, so the same two rules apply (the response mask is cut with the response).
 
 The cache key is the tokenizer (vocabulary, merges, special tokens, chat template), the settings and a hash of the input rows'
-content, so a second run with the same data reads the tokenized dataset from disk without tokenizing.
+content, so a second run with the same data reads the tokenized dataset from disk without tokenizing. The cache never fails a
+run (data/cache.py): a corrupt entry is rebuilt with a warning, a failed write (disk full) warns and the run goes on.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 
+from data.cache import read_entry, write_entry
 from data.chat import tokenize_conversations
 from data.files import DataError
 
@@ -40,6 +40,16 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "v2"  # bump when the output columns or rules change, so old cache entries are not reused
 MAP_BATCH_SIZE = 1000
+
+
+class EosInTextError(DataError):
+    """The text of an example holds the EOS token; data/sft.py adds the file and line of its row."""
+
+    def __init__(self, example_id: str, part: str, eos_text: str, where: str | None = None):
+        self.example_id, self.part, self.eos_text = example_id, part, eos_text
+        at = f"{where}: " if where else ""
+        super().__init__(f"{at}the {part} text of example {example_id} contains the EOS token {eos_text!r}; remove it from the "
+                         "data (EOS is appended to every response by training)")
 
 
 @dataclass(frozen=True)
@@ -83,10 +93,7 @@ def tokenize_batch(batch: dict[str, list], tokenizer, settings: TokenizeSettings
         responses = tokenizer([batch["target"][i] for i in plain_rows], add_special_tokens=False)["input_ids"]
         for i, p, r in zip(plain_rows, prompts, responses):
             if eos in p or eos in r:
-                where = "prompt" if eos in p else "response"
-                raise DataError(
-                    f"example {batch['example_id'][i]}: the {where} text contains the EOS token {tokenizer.eos_token!r}"
-                )
+                raise EosInTextError(batch["example_id"][i], "prompt" if eos in p else "response", tokenizer.eos_token)
             segments[i] = (p, r + [eos], [1] * (len(r) + 1))
     if chat_rows:
         chats = tokenize_conversations(
@@ -129,6 +136,21 @@ def content_fingerprint(examples: datasets.Dataset) -> str:
     return h.hexdigest()
 
 
+def tokens_fingerprint(tokenized: datasets.Dataset) -> str:
+    """A hash of the token ids and masks of a tokenized split, in order: equal exactly when training would see the same data."""
+    import pyarrow.compute as pc
+
+    table = tokenized.with_format("arrow")[:] if len(tokenized) else None
+    h = hashlib.sha256(str(len(tokenized)).encode())
+    for column in ("prompt_ids", "response_ids", "response_mask"):
+        if table is None:
+            break
+        values = table.column(column)
+        h.update(pc.list_value_length(values).to_numpy(zero_copy_only=False).tobytes())
+        h.update(pc.list_flatten(values).to_numpy(zero_copy_only=False).tobytes())
+    return h.hexdigest()
+
+
 def cache_key(examples: datasets.Dataset, tokenizer, settings: TokenizeSettings) -> str:
     text = f"{tokenizer_fingerprint(tokenizer)}|{settings.max_length}|{settings.max_prompt_length}|{content_fingerprint(examples)}"
     return hashlib.sha256(f"{text}|{FORMAT_VERSION}".encode()).hexdigest()[:24]
@@ -149,14 +171,14 @@ def tokenize_examples(
         raise ValueError(f"a fast tokenizer is required (batched tokenization and chat offsets); got {type(tokenizer).__name__}")
     key = cache_key(examples, tokenizer, settings)
     path = Path(cache_dir, "tokenized", key) if cache_dir is not None else None
-    if path is not None and (path / "dropped.json").is_file():
-        tokenized = datasets.load_from_disk(str(path))
-        dropped = json.loads((path / "dropped.json").read_text())
+    cached = read_entry(path, _load) if path is not None else None
+    if cached is not None:
+        tokenized, dropped = cached
         log.info("tokenized examples read from the cache %s", path)
     else:
         tokenized, dropped = _tokenize(examples, tokenizer, settings, num_proc)
         if path is not None:
-            _save(tokenized, dropped, path)
+            write_entry(path, lambda tmp: _save(tokenized, dropped, tmp))
     if dropped["count"]:
         log.warning(
             "dropped %d example(s) with no supervised token (max_length - max_prompt_length = %d), e.g. %s",
@@ -191,13 +213,16 @@ def _tokenize(examples: datasets.Dataset, tokenizer, settings: TokenizeSettings,
     return tokenized, dropped
 
 
-def _save(tokenized: datasets.Dataset, dropped: dict, path: Path) -> None:
-    """Write to a temporary directory and rename it, so a reader never sees a half-written entry."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+def _save(tokenized: datasets.Dataset, dropped: dict, tmp: Path) -> None:
     tokenized.save_to_disk(str(tmp))
     (tmp / "dropped.json").write_text(json.dumps(dropped))
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process finished the same entry first; theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(path: Path) -> tuple[datasets.Dataset, dict]:
+    """A cache entry, read fully enough that a truncated or garbled file fails here rather than during training."""
+    dropped = json.loads((path / "dropped.json").read_text())
+    tokenized = datasets.load_from_disk(str(path), keep_in_memory=False)
+    if tokenized.data.num_rows != len(tokenized) or not {"prompt_ids", "response_ids", "n_supervised"} <= set(tokenized.column_names):
+        raise ValueError("unexpected layout")
+    tokenized.data.validate(full=True)
+    return tokenized, dropped

@@ -4,7 +4,8 @@
     python -m modeling.export runs/my_run/step-20000 --out exports/step-20000 --max-shard-size 2GB
     python -m modeling.export runs/my_run/LATEST --policy-keys transformers-4.29 --out policy_429.pt
 
-The HF directory loads with `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` and holds
+A LoRA run's export also holds `adapter/` (the adapter alone, for `PeftModel.from_pretrained(base, DIR/adapter)`); the
+directory itself is the merged model. The HF directory loads with `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` and holds
 safetensors shards, config.json (use_cache on), generation_config.json whose EOS and pad are the ones training used, the
 tokenizer, the run's resolved `config.yaml` and a README.md model card. Everything is rebuilt from the checkpoint's
 `policy.pt` and the run's `config.yaml` (the checkpoint's parent directory); the weights are never gathered again.
@@ -30,7 +31,9 @@ import yaml
 
 from modeling.load import disable_dropout, load_tokenizer, model_from_config
 from modeling.legacy_keys import to_transformers_429
+from modeling.lora import write_adapter
 from training import checkpoint as ckpt
+from training.cli import run_main
 from training.config import Config, ModelConfig, build_config
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 HUB_DATASETS = {"hh": "Anthropic/hh-rlhf", "shp": "stanfordnlp/SHP", "se": "HuggingFaceH4/stack-exchange-preferences"}
 LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors")
 CARD_HYPERPARAMETERS = (
-    "lr", "optimizer", "warmup_steps", "batch_size", "gradient_accumulation_steps", "max_grad_norm", "max_length",
+    "lr", "lr_schedule", "min_lr_ratio", "optimizer", "warmup_steps", "warmup_ratio", "batch_size", "gradient_accumulation_steps", "max_grad_norm", "max_length",
     "max_prompt_length", "n_epochs", "n_examples", "n_eval_examples", "seed",
 )
 
@@ -46,8 +49,10 @@ CARD_HYPERPARAMETERS = (
 def run_config(checkpoint_dir: str | Path) -> Config:
     """The resolved config of the run that wrote `checkpoint_dir`: `{checkpoint_dir}/../config.yaml`."""
     checkpoint_dir = Path(checkpoint_dir)
-    if not (checkpoint_dir / "policy.pt").is_file() and (checkpoint_dir / "config.yaml").is_file():
-        found = [p.name for p in ckpt.complete_checkpoints(checkpoint_dir)]
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"{checkpoint_dir}: no such checkpoint directory (e.g. RUN_DIR/LATEST or RUN_DIR/step-N)")
+    found = [p.name for p in ckpt.complete_checkpoints(checkpoint_dir)]
+    if not (checkpoint_dir / "policy.pt").is_file() and ((checkpoint_dir / "config.yaml").is_file() or found):
         raise FileNotFoundError(f"{checkpoint_dir} is a run directory; pass one of its checkpoints: {found or 'none found'}")
     path = checkpoint_dir.parent / "config.yaml"
     if not path.is_file():
@@ -91,6 +96,8 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, max_shard_size: s
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
+    if (checkpoint_dir / "adapter.pt").is_file():  # a LoRA run: the adapter alone too, for PeftModel.from_pretrained
+        write_adapter(tmp / "adapter", ckpt.load_archive(checkpoint_dir / "adapter.pt")["state"], config)
     shutil.copyfile(checkpoint_dir.parent / "config.yaml", tmp / "config.yaml")
     (tmp / "README.md").write_text(model_card(config, archive, checkpoint_dir, command), encoding="utf-8")
     tidy(tmp)
@@ -271,4 +278,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -22,6 +22,8 @@ import transformers
 
 from modeling.export import build_model, load_policy, run_config
 from modeling.load import load_tokenizer
+from training.cli import run_main
+from training.errors import UserError
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
@@ -34,11 +36,19 @@ def format_prompt(text: str) -> str:
     return f"{HUMAN} {text.strip()}{ASSISTANT}"
 
 
+class PromptsError(UserError, ValueError):
+    """A prompts file that cannot be read; the message names file and line."""
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a .jsonl file ({"prompt": ...} per line) or a text file (one per line); blank lines are skipped."""
     path = Path(path)
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptsError(f"{path}: not valid UTF-8 ({e.reason})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         if path.suffix != ".jsonl":
@@ -47,12 +57,12 @@ def read_prompts(path: str | Path) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+            raise PromptsError(f"{path}:{number}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path}:{number}: expected a JSON object with a \"prompt\" string")
+            raise PromptsError(f"{path}:{number}: expected a JSON object with a \"prompt\" string")
         prompts.append(row["prompt"])
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise PromptsError(f"{path}: no prompts")
     return prompts
 
 
@@ -117,4 +127,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -41,9 +41,11 @@ def test_recipe_then_overrides(tmp_path):
     assert c.model.name_or_path == "huggyllama/llama-7b"  # preset kept
     assert c.model.fsdp_policy_mp == "bfloat16" and c.model.policy_dtype == "bfloat16"
     assert c.datasets == ["hh", "shp"] and c.n_examples is None and c.wandb.enabled is False
-    # picking another preset on the command line keeps the recipe's explicit model keys, replaces the preset's
+    # another model on the command line replaces the recipe's model section; model.* words apply on top, in any order
     c = load_config([str(recipe), "model=pythia28"])
-    assert c.model.name_or_path == "EleutherAI/pythia-2.8b" and c.model.fsdp_policy_mp == "bfloat16"
+    assert c.model.name_or_path == "EleutherAI/pythia-2.8b" and c.model.fsdp_policy_mp is None
+    c = load_config([str(recipe), "model.fsdp_policy_mp=float16", "model=pythia28"])
+    assert c.model.name == "pythia28" and c.model.fsdp_policy_mp == "float16"
 
 
 def test_explicit_model_keys_beat_the_preset():

@@ -11,6 +11,7 @@ import pytest
 
 from data.__main__ import main, padding_fraction, render_example
 from data.records import load_records
+from training.cli import run_main
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 HH_ROWS = SHARED / "data" / "hh" / "harmless-base-test-300.jsonl.gz"
@@ -106,12 +107,18 @@ def test_padding_fraction_in_training_order():
     assert fraction == pytest.approx(1 - sum(kept) / (4 * max(kept)))
 
 
-def test_bad_source_and_missing_tokenizer(hh_path, tmp_path):
-    with pytest.raises(SystemExit, match="neither a recipe file nor a dataset name"):
-        main(["stats", "hhh"])
-    with pytest.raises(SystemExit, match="no tokenizer"):
-        main(["preview", "hh", "--data_files", hh_path, f"local_dirs=[{tmp_path}]"])
+def test_bad_source_and_missing_tokenizer(hh_path, tmp_path, capsys):
+    def error_line(args):
+        with pytest.raises(SystemExit) as e:
+            run_main(main, args)
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    assert error_line(["stats", "hhh"]) == "error: 'hhh' is neither a recipe file nor a dataset name (hh, shp, se, jsonl)\n"
+    assert error_line(["preview", "hh", "--data_files", hh_path, f"local_dirs=[{tmp_path}]"]).startswith("error: no tokenizer")
     with pytest.raises(SystemExit, match="usage"):
         main(["show", "hh"])
-    with pytest.raises(SystemExit, match=r"error: data file '/no/such.jsonl' does not exist"):
-        main(["export", "hh", "--data_files", "/no/such.jsonl", f"local_dirs=[{tmp_path}]"])
+    out = tmp_path / "out.jsonl"
+    assert error_line(["export", "hh", "--data_files", "/no/such.jsonl", "--out", str(out), f"local_dirs=[{tmp_path}]"]) == \
+        "error: data file '/no/such.jsonl' does not exist\n"
+    assert not out.exists() and not list(tmp_path.glob(".out.jsonl*"))  # nothing half-written

@@ -330,7 +330,9 @@ def assert_same_checkpoint(ours: Path, theirs: Path, atol: float = 1e-5) -> None
         torch.testing.assert_close(policy[key], reference[key], atol=atol, rtol=0, msg=key)
     optim, optim_ref = torch.load(ours / "optimizer.pt")["state"], torch.load(theirs / "optimizer.pt")["state"]
     assert optim["param_groups"] == optim_ref["param_groups"]
-    assert list(optim["state"]) == list(optim_ref["state"]) == list(range(len(reference)))
+    n_params = sum(len(g["params"]) for g in optim_ref["param_groups"])  # all parameters, or a LoRA run's adapters
+    assert list(optim["state"]) == list(optim_ref["state"]) == list(range(n_params))
+    assert n_params == (len(torch.load(theirs / "adapter.pt")["state"]) if (theirs / "adapter.pt").exists() else len(reference))
     for i, state in optim_ref["state"].items():
         assert set(optim["state"][i]) == set(state)
         for name, value in state.items():

@@ -159,8 +159,11 @@ def test_run_dir_instead_of_checkpoint_names_the_checkpoints(tmp_path):
     latest = write_run(tmp_path / "run", DEMO)
     with pytest.raises(FileNotFoundError, match=r"is a run directory; pass one of its checkpoints: \['LATEST'\]"):
         main([str(latest.parent), "--out", str(tmp_path / "hf")])
-    with pytest.raises(FileNotFoundError, match="no run config"):
+    with pytest.raises(FileNotFoundError, match="elsewhere: no such checkpoint directory"):
         export_hf(tmp_path / "elsewhere", tmp_path / "hf")
+    (tmp_path / "lone").mkdir()
+    with pytest.raises(FileNotFoundError, match="no run config"):
+        export_hf(tmp_path / "lone", tmp_path / "hf")
 
 
 def test_finish_run_exports_and_a_failing_plot_only_warns(tmp_path, caplog):

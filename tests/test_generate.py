@@ -56,7 +56,8 @@ def run_dir(tmp_path_factory) -> Path:
         "exp_name=generate_test", f"model.name_or_path={DEMO}", "model.random_init=true",
         f"data_files.hh.train={DEMO / 'train.jsonl'}", f"data_files.hh.test={DEMO / 'test.jsonl'}",
         "batch_size=8", "n_epochs=null", "n_examples=320", "n_eval_examples=8", "eval_batch_size=8", "eval_every=100000",
-        "optimizer=AdamW", "lr=3e-3", "warmup_steps=5", "sample_during_eval=false", "minimum_log_interval_secs=0",
+        "max_length=256", "max_prompt_length=128", "optimizer=AdamW", "lr=3e-3", "warmup_steps=5", "sample_during_eval=false",
+        "minimum_log_interval_secs=0",
         "wandb.enabled=false", f"run_dir={tmp / 'run'}", f"local_dirs=[{tmp}]",
     ])
 

@@ -20,6 +20,7 @@ import sft_train
 from data.sft import build_split
 from data.tokenize import TokenizeSettings
 from modeling.load import load_model, load_tokenizer
+from tests.test_schedule import expected as expected_lr
 from tests.tiny import tiny_data, tiny_model_dir, tiny_run_args
 from training.checkpoint import load_archive
 from training.config import load_config
@@ -133,10 +134,12 @@ def test_one_step_is_the_same_for_every_split(tiny):
 
 @pytest.mark.slow
 def test_two_processes_schedule_loss_and_samples(tiny):
-    """lr at update k is lr * min(1, (k + 1) / (warmup_steps + 1)) with 1 and 2 processes; both processes' samples land;
-    a 2-process run stopped after 4 updates and resumed ends bit-identical, samples included (per-process RNG)."""
+    """lr at update k follows the schedule's formula with 1 and 2 processes (3 warmup updates, then cosine down to 0.1 x lr);
+    both processes' samples land; a 2-process run stopped after 4 updates (mid-decay) and resumed ends bit-identical,
+    samples included (per-process RNG)."""
     root, model, train, test = tiny
     common = dict(batch_size=4, gradient_accumulation_steps=1, n_epochs=3, warmup_steps=3, lr=1e-3, eval_every=8,
+                  lr_schedule="cosine", min_lr_ratio=0.1,
                   sample_during_eval=True, n_eval_model_samples=3, max_new_tokens=4, n_eval_examples=8)
     one, two, chunked = root / "sched-1", root / "sched-2", root / "chunked-2"
     run_main(tiny_run_args(root, model, train, test, run_dir=one, **common))
@@ -154,7 +157,7 @@ def test_two_processes_schedule_loss_and_samples(tiny):
         assert [r["counters/updates"] for r in steps] == list(range(1, 7))  # 3 epochs of 2 batches
         for r in steps:
             k = r["counters/updates"] - 1
-            assert r["lr"] == pytest.approx(1e-3 * min(1.0, (k + 1) / 4), rel=1e-12), (run_dir.name, k)
+            assert r["lr"] == pytest.approx(1e-3 * expected_lr("cosine", k, 3, 6, 0.1), rel=1e-12), (run_dir.name, k)
     assert train_records(two)[0]["loss/train"] == pytest.approx(train_records(one)[0]["loss/train"], rel=1e-6)
 
     # eval order: the first n_eval_model_samples of the fixed eval order, at every eval (0, 8, 16, final 24)

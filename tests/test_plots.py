@@ -146,5 +146,5 @@ def test_cli_prints_written_paths_and_reports_errors(tmp_path):
 
     missing = tmp_path / "nowhere"
     result = subprocess.run([sys.executable, "-m", "training.plots", str(missing)], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip() == f"error: {missing / 'metrics.jsonl'}: no such metrics file"

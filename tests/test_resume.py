@@ -1,5 +1,7 @@
 """A run stopped at any update and resumed ends bit-identical to the uninterrupted run, with the same logs.
 
+The runs follow a cosine schedule (2 warmup updates, then decay to 0.1 x lr), so every resume lands mid-schedule.
+
 The tiny run: 18 training examples, batch 4 (4 batches an epoch, 2 examples dropped), 2 epochs = 8 updates, eval and step-N
 checkpoint every 8 examples, sampling during eval (so the restored RNG shows in samples.jsonl). Runs stop early through
 `max_updates_this_run`, the option users have for job time limits.
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 import sft_train
+from tests.test_schedule import expected as expected_lr
 from tests.tiny import tiny_data, tiny_model_dir, tiny_run_args
 from training import checkpoint as ckpt
 
@@ -31,8 +34,9 @@ def tiny(tmp_path_factory):
 
 def args(tiny, run_dir: Path | None, **overrides) -> list[str]:
     root, model, train, test = tiny
-    return tiny_run_args(root, model, train, test, run_dir=run_dir, batch_size=4, n_epochs=2, eval_every=8, warmup_steps=2,
-                         sample_during_eval=True, n_eval_model_samples=2, max_new_tokens=2, n_eval_examples=8, **overrides)
+    settings = dict(run_dir=run_dir, batch_size=4, n_epochs=2, eval_every=8, warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1,
+                    sample_during_eval=True, n_eval_model_samples=2, max_new_tokens=2, n_eval_examples=8)
+    return tiny_run_args(root, model, train, test, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +83,8 @@ def updates_logged(run_dir: Path) -> list[int]:
 def test_full_run_shape(full):
     """The reference points the other tests rely on: 8 updates, evals at 0, 8, 16, 24, 32, samples at each eval."""
     assert updates_logged(full) == list(range(1, 9))
+    lrs = [r["lr"] for r in log(full) if "lr" in r]
+    assert lrs == pytest.approx([1e-3 * expected_lr("cosine", k, 2, 8, 0.1) for k in range(8)], rel=1e-12)
     assert [r["examples_seen"] for r in log(full) if "loss/eval" in r] == [0, 8, 16, 24, 32]
     assert sorted(p.name for p in full.glob("step-*")) == ["step-16", "step-24", "step-8"]
     assert len(log(full, "samples.jsonl")) == 10
@@ -121,7 +127,8 @@ def test_resume_from_step_dir_rewinds_logs(tiny, full):
 
 
 def fake_checkpoint(run_dir: Path, name: str, step: int) -> Path:
-    return ckpt.write_checkpoint(run_dir, name, step, {"w": torch.full((2,), float(step))}, {}, {}, {"examples_seen": step}, {})
+    train_state = {"examples_seen": step, "updates": step // 4, "epoch": 0, "offset": step, "rng": {}}
+    return ckpt.write_checkpoint(run_dir, name, step, {"w": torch.full((2,), float(step))}, {}, {}, train_state, {})
 
 
 def test_auto_picks_newest_complete_checkpoint(tmp_path):
@@ -157,6 +164,8 @@ def test_resume_warns_that_a_new_lr_is_ignored(tiny, full, tmp_path, caplog):
     run_dir = tmp_path / "copy"
     shutil.copytree(full, run_dir)
     with caplog.at_level("WARNING", logger="sft"):
-        sft_train.main(args(tiny, run_dir, resume_from=str(run_dir / "step-16"), lr=0.5))
+        sft_train.main(args(tiny, run_dir, resume_from=str(run_dir / "step-16"), lr=0.5, min_lr_ratio=0.5))
     assert any("lr=0.5 is ignored" in r.getMessage() for r in caplog.records)
+    assert any(r.getMessage() == "lr schedule cosine, warmup 2 of 8 updates, down to 0.5 x lr is ignored: the resumed run "
+               "continues the checkpoint's (cosine, warmup 2 of 8 updates, down to 0.1 x lr)" for r in caplog.records)
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["examples_seen"] == 32

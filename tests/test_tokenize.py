@@ -138,8 +138,9 @@ def test_examples_without_supervised_tokens_are_dropped_with_a_warning(tokenizer
 
 
 def test_eos_inside_text_is_an_error(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "Q:", "chosen": " fine"}, {"prompt": "Q2:", "chosen": " a<|endoftext|>b"}])
-    with pytest.raises(DataError, match=r"jsonl/train/1: the response text contains the EOS token"):
+    rows = [{"prompt": "Q:", "chosen": " fine"}, {"prompt": "Q:", "chosen": " merged"}, {"prompt": "Q2:", "chosen": " a<|endoftext|>b"}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)  # rows 1 and 2 merge: the example index (1) is not the line (3)
+    with pytest.raises(DataError, match=rf"^{path}:3: the response text of example jsonl/train/1 contains the EOS token"):
         build_split(["jsonl"], "train", {"jsonl": {"train": [path]}}, tokenizer, TokenizeSettings(64, 32), None)
 
 

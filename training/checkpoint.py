@@ -17,6 +17,7 @@ again, so the logs of a resumed run read like those of one uninterrupted run (no
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -29,13 +30,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.errors import UserError
+
+log = logging.getLogger(__name__)
+
 CHECKPOINT_FILES = ("policy.pt", "scheduler.pt", "train_state.pt")  # plus optimizer.pt or the sharded resume state
 RESUME_DIR = "resume"  # the sharded resume state of FSDP/TP runs: model and optimizer shards (torch.distributed.checkpoint)
 MARKER = "complete"
 LOG_FILES = ("metrics.jsonl", "samples.jsonl")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint or archive that cannot be used; the message names the file."""
 
 
@@ -97,18 +102,20 @@ def write_checkpoint(
     train_state: dict[str, Any],
     metrics: dict[str, Any],
     started: bool = False,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write `{run_dir}/{name}/` atomically (main process only). An existing directory of that name is replaced.
 
     `started`: the temporary directory already holds what the other processes wrote (the sharded resume state); otherwise
     it is made afresh. `optimizer_state` None writes no optimizer.pt (the sharded resume state holds the optimizer).
+    `extra` maps further file names to states saved in the same format (a LoRA run's `adapter.pt`).
     """
     run_dir = Path(run_dir)
     final = run_dir / name
     tmp = tmp_dir(run_dir, name) if started else start_checkpoint(run_dir, name)
     metrics = plain(metrics)
-    files = [("policy.pt", policy_state), ("optimizer.pt", optimizer_state), ("scheduler.pt", scheduler_state)]
-    for filename, state in files:
+    files = {"policy.pt": policy_state, "optimizer.pt": optimizer_state, "scheduler.pt": scheduler_state, **(extra or {})}
+    for filename, state in files.items():
         if state is not None:
             save_file({"step_idx": step_idx, "state": state, "metrics": metrics}, tmp / filename)
     save_file(train_state, tmp / "train_state.pt")
@@ -176,19 +183,54 @@ def is_sharded(path: Path) -> bool:
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first: by examples seen, then by write time (a LATEST saved on SIGTERM at N
-    examples precedes the step-N written after the eval at N by the resumed run)."""
+    examples precedes the step-N written after the eval at N by the resumed run). A checkpoint whose marker is malformed is
+    skipped with a warning naming the file."""
     found = []
     for path in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
         if (path.name == "LATEST" or path.name.startswith("step-")) and is_complete(path):
-            marker = json.loads((path / MARKER).read_text())
-            found.append((marker["step_idx"], marker.get("written_at", 0.0), path.name == "LATEST", path))
+            marker = read_marker(path)
+            if marker is not None:
+                found.append((marker["step_idx"], marker.get("written_at", 0.0), path.name == "LATEST", path))
     return [p for *_, p in sorted(found)]
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """The `complete` marker of a checkpoint, or None (with a warning) when it is not the JSON this module writes."""
+    try:
+        marker = json.loads((Path(path) / MARKER).read_text())
+        if isinstance(marker, dict) and isinstance(marker.get("step_idx"), int) and isinstance(marker.get("written_at", 0.0), (int, float)):
+            return marker
+        problem = "expected {step_idx, written_at, metrics}"
+    except (OSError, ValueError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    log.warning("ignoring checkpoint %s: malformed marker %s (%s)", path, Path(path) / MARKER, problem)
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a complete-looking checkpoint would not load, checked cheaply: train_state.pt loads, the other files are whole
+    zip archives (torch's format keeps its index at the end, so a truncated file fails here without reading the tensors)."""
+    import zipfile
+
+    for name in (*CHECKPOINT_FILES, "optimizer.pt"):  # the sharded resume state is read by torch.distributed.checkpoint
+        if name == "train_state.pt" or not (Path(path) / name).is_file():
+            continue
+        try:
+            with zipfile.ZipFile(Path(path) / name) as archive:
+                archive.namelist()
+        except (OSError, zipfile.BadZipFile) as e:
+            return f"{Path(path) / name}: {e}"
+    try:
+        load_train_state(Path(path) / "train_state.pt")
+    except CheckpointError as e:
+        return str(e)
+    return None
 
 
 def last_good_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint whose eval metrics (kept in its marker) are all finite."""
     for path in reversed(complete_checkpoints(run_dir)):
-        metrics = json.loads((path / MARKER).read_text()).get("metrics", {})
+        metrics = (read_marker(path) or {}).get("metrics", {})
         if all(math.isfinite(v) for v in metrics.values() if isinstance(v, (int, float))):
             return path
     return None
@@ -258,7 +300,8 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_resume(resume_from: str, run_dir: str | Path | None) -> Path:
-    """`auto` -> the newest complete checkpoint of run_dir; a path must be a complete checkpoint (run_dir may be unset)."""
+    """`auto` -> the newest complete checkpoint of run_dir that loads (a newer one that does not is skipped with a warning,
+    so a restart loop does not stick on it); a path must be a complete checkpoint (run_dir may be unset)."""
     if resume_from == "auto":
         if run_dir is None:
             raise CheckpointError("resume_from=auto needs run_dir=PATH (the run to continue)")
@@ -267,11 +310,19 @@ def resolve_resume(resume_from: str, run_dir: str | Path | None) -> Path:
         found = complete_checkpoints(run_dir)
         if not found:
             raise CheckpointError(f"resume_from=auto: no complete checkpoint in {run_dir}")
-        return found[-1]
+        for path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            log.warning("resume_from=auto: skipping %s, it does not load (%s)", path, problem)
+        raise CheckpointError(f"resume_from=auto: no checkpoint in {run_dir} loads (damaged: {', '.join(p.name for p in found)}); "
+                              "start over with overwrite=true or resume another run's checkpoint")
     path = Path(resume_from)
     if not is_complete(path):
         raise CheckpointError(f"resume_from: {path} is not a complete checkpoint (missing {MARKER}, one of "
                               f"{', '.join(CHECKPOINT_FILES)}, or both optimizer.pt and {RESUME_DIR}/)")
+    if (problem := checkpoint_problem(path)) is not None:
+        raise CheckpointError(f"resume_from: {path} does not load ({problem}); resume_from=auto takes the newest one that does")
     return path
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import types
@@ -26,8 +27,10 @@ from typing import Any
 
 import yaml
 
+from training.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the key."""
 
 
@@ -91,6 +94,24 @@ class LossConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train low-rank adapters (peft LoRA) on a frozen base model instead of all weights. policy.pt still holds the full
+    model (adapters merged: W + alpha / r * B A); the export adds the adapter alone in hf/adapter/."""
+    r: int = 16
+    """Adapter rank (>= 1)."""
+    alpha: float = 32.0
+    """Scale numerator (> 0): the adapter's update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input, in [0, 1). 0 keeps runs exactly reproducible across process counts."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (suffixes) that get adapters; `all-linear`: every linear layer except the LM head (for transformers
+    causal LMs: all linear layers of the blocks)."""
+    quantize: str | None = None
+    """`4bit`: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); null keeps the base in policy_dtype."""
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True
     """Log to Weights & Biases (main process only). Off in debug mode."""
@@ -116,6 +137,8 @@ class Config:
     """The policy model; `model=NAME` picks a preset."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The objective."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters instead of full fine-tuning (off by default)."""
 
     batch_size: int = 4
     """Global batch in examples per optimizer step: all processes x all micro-batches."""
@@ -124,11 +147,18 @@ class Config:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; a micro-batch holds batch_size / (this x data-parallel processes) examples per process."""
     lr: float = 5e-7
-    """Peak learning rate, reached after warmup_steps and then held constant (the reference has no decay)."""
+    """Peak learning rate, reached after warmup and then shaped by lr_schedule (the reference holds it constant). > 0."""
+    lr_schedule: str = "constant"
+    """After warmup: `constant` (the reference), `linear` or `cosine` decay to min_lr_ratio x lr over the run's optimizer
+    steps, which n_examples / n_epochs and the data size fix (formulas in training/schedule.py)."""
+    min_lr_ratio: float = 0.0
+    """Where linear and cosine end, as a fraction of lr, in [0, 1]."""
+    warmup_ratio: float | None = None
+    """Warmup as a fraction in [0, 1) of the run's optimizer steps (rounded up); when set, it replaces warmup_steps."""
     optimizer: str = "RMSprop"
     """Any torch.optim class name, built with (params, lr=lr) and torch defaults."""
     warmup_steps: int = 150
-    """Linear warmup length in optimizer steps: update k (from 0) uses lr * min(1, (k + 1) / (warmup_steps + 1))."""
+    """Linear warmup length in optimizer steps (>= 0): update k (from 0) uses lr * min(1, (k + 1) / (warmup_steps + 1))."""
     max_grad_norm: float = 10.0
     """Gradient clipping threshold (the logged grad_norm is the norm before clipping)."""
     max_length: int = 512
@@ -203,32 +233,54 @@ class Config:
     cache_node_local: bool | None = None
     """Whether the cache dir is on node-local disk (each node prepares data once) or on storage all nodes share (one process
     prepares it for all); null detects it from the file system type (nfs, lustre, gpfs, ... are shared)."""
+    overwrite: bool = False
+    """Start this run in a run_dir that already holds a run, deleting that run's checkpoints, logs and export. Never saved
+    into config.yaml as true, so a saved config used as a recipe cannot overwrite its own run."""
+    resume_force: bool = False
+    """Resume even when batch_size, accumulation, seed, data, max_length or optimizer differ from the checkpoint's run
+    (a warning names each difference). The data order and the counters then no longer mean what they did."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging."""
 
 
 def load_config(args: list[str]) -> Config:
-    """Build the config from `[recipe.yaml] [key=value ...]` command-line words."""
+    """Build the config from `[recipe.yaml] [key=value | --key value ...]` command-line words.
+
+    `model=NAME` on the command line replaces the recipe's whole model section (later `model.*` words still apply)."""
+    from training.cli import normalize_args
+
     tree: dict[str, Any] = {}
-    overrides: list[str] = []
-    for i, arg in enumerate(args):
+    overrides: list[tuple[str, Any]] = []
+    for i, arg in enumerate(normalize_args(args)):
         if "=" in arg:
-            overrides.append(arg)
+            key, _, raw = arg.partition("=")
+            overrides.append((key.strip(), parse_value(raw)))
         elif i == 0:
             tree = load_recipe(arg)
         else:
             raise ConfigError(f"unexpected argument {arg!r}: only the first argument may be a recipe file; others are key=value")
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        set_dotted(tree, key.strip(), parse_value(raw))
+    for key, value in overrides:
+        if key == "model":
+            tree["model"] = value
+    for key, value in overrides:
+        if key != "model":
+            set_dotted(tree, key, value)
     return build_config(tree)
 
 
 def load_recipe(path: str) -> dict[str, Any]:
     if not Path(path).is_file():
-        raise ConfigError(f"recipe file not found: {path}")
-    with open(path) as f:
-        tree = yaml.safe_load(f) or {}
+        hint = " (settings are key=value words)" if not path.endswith((".yaml", ".yml")) else ""
+        raise ConfigError(f"recipe file not found: {path}{hint}")
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e.reason})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping of config keys")
     return tree
@@ -263,7 +315,11 @@ def build_config(tree: dict[str, Any]) -> Config:
     tree = dict(tree)
     model = tree.get("model")
     if isinstance(model, str):
-        model = {"name": model}
+        # `model=pythia28` picks a preset; `model=org/name` or `model=path/to/dir` is a blank_model with that name_or_path
+        model = {"name": model} if model in MODEL_PRESETS or not looks_like_model_source(model) else \
+            {"name": "blank_model", "name_or_path": model}
+    if model is not None and not isinstance(model, dict):
+        raise ConfigError(f"model: expected a preset name, a hub id, a directory or a mapping of model keys, got {model!r}")
     model = dict(model or {})
     name = model.get("name", ModelConfig.name)
     if name not in MODEL_PRESETS:
@@ -276,6 +332,45 @@ def build_config(tree: dict[str, Any]) -> Config:
     return config
 
 
+def looks_like_model_source(value: str) -> bool:
+    return "/" in value or os.path.isdir(value)
+
+
+# Keys of the transformers Trainer / TRL / alignment-handbook world, and what they are called here.
+DIALECT: dict[str, str] = {
+    "learning_rate": "lr",
+    "num_train_epochs": "n_epochs",
+    "per_device_train_batch_size": "batch_size (the global batch: processes x micro-batches x per-device size)",
+    "per_device_eval_batch_size": "eval_batch_size (the global eval batch)",
+    "train_batch_size": "batch_size (the global batch)",
+    "model_name_or_path": "model.name_or_path (or model=ID_OR_DIR)",
+    "tokenizer_name_or_path": "model.tokenizer_name_or_path",
+    "output_dir": "run_dir",
+    "run_name": "exp_name",
+    "max_seq_length": "max_length",
+    "bf16": "model.policy_dtype=bfloat16 (weights and optimizer state) or model.fsdp_policy_mp=bfloat16 (FSDP compute)",
+    "fp16": "model.policy_dtype=float16 or model.fsdp_policy_mp=float16",
+    "torch_dtype": "model.policy_dtype",
+    "gradient_checkpointing": "activation_checkpointing",
+    "warmup_ratio": "warmup_steps (in optimizer steps)",
+    "max_steps": "n_examples (counted in examples: updates x batch_size)",
+    "eval_steps": "eval_every (counted in examples)",
+    "save_steps": "eval_every (a step-N checkpoint is saved at every eval)",
+    "save_total_limit": "keep_last",
+    "logging_steps": "minimum_log_interval_secs (metrics.jsonl gets every step)",
+    "resume_from_checkpoint": "resume_from",
+    "dataset_name": "datasets",
+    "dataset_mixer": "datasets and dataset_weights",
+    "report_to": "wandb.enabled",
+    "optim": "optimizer (a torch.optim class name, e.g. AdamW)",
+    "seed_everything": "seed",
+    "overwrite_output_dir": "overwrite",
+    "attn_implementation": "model.attn_implementation",
+    "trust_remote_code": "model.trust_remote_code",
+    "use_peft": "no LoRA/PEFT keys exist in this config",
+}
+
+
 def from_dict(cls: type, tree: dict[str, Any], prefix: str) -> Any:
     if not isinstance(tree, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {tree!r}")
@@ -284,6 +379,8 @@ def from_dict(cls: type, tree: dict[str, Any], prefix: str) -> Any:
     values = {}
     for key, value in tree.items():
         if key not in fields:
+            if str(key) in DIALECT and not prefix:
+                raise ConfigError(f"unknown config key {key!r}: this suite calls it {DIALECT[key]}")
             raise ConfigError(f"unknown config key {prefix + str(key)!r}{suggest(str(key), fields, prefix)}")
         values[key] = coerce(value, hints[key], prefix + key)
     return cls(**values)
@@ -356,8 +453,17 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    """The resolved config, written atomically. `overwrite` is saved as false: used as a recipe, the file must not
+    overwrite its own run."""
+    tree = to_dict(config)
+    tree["overwrite"] = False
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(tree, f, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 LOSSES = ("sft", "dpo", "ipo")
@@ -365,6 +471,184 @@ PREFERENCE_LOSSES = ("dpo", "ipo")  # trained by dpo_train.py on (chosen, reject
 DATASET_SPLITS = ("train", "test")
 DATASET_NAMES = ("hh", "shp", "se", "jsonl")  # the loaders of data/records.py, one per name
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numbers from `low` (exclusive when `strict`) to `high`; NaN always, and infinity unless `infinite_ok`, refused."""
+
+    low: float | None = None
+    high: float | None = None
+    strict: bool = False
+    infinite_ok: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        import math
+
+        kind = "an integer" if isinstance(value, int) else "a number"
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.strict else '>='} {number(self.low)}")
+        if self.high is not None:
+            bounds.append(f"<= {number(self.high)}")
+        want = f"{kind} {' and '.join(bounds)}".strip()
+        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not self.infinite_ok)):
+            return f"must be a finite number{' ' + ' and '.join(bounds) if bounds else ''}, got {value!r}"
+        if self.low is not None and (value <= self.low if self.strict else value < self.low):
+            return f"must be {want}, got {value!r}"
+        if self.high is not None and value > self.high:
+            return f"must be {want}, got {value!r}"
+        return None
+
+
+def number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    values: tuple[str, ...]
+
+    def problem(self, value: Any) -> str | None:
+        if value not in self.values:
+            return f"{value!r} is not one of {', '.join(self.values)}{suggest(str(value), self.values)}"
+        return None
+
+
+@dataclass(frozen=True)
+class Text:
+    """A non-empty string (`no_slash`: usable as one path component)."""
+
+    no_slash: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if not value.strip():
+            return "must not be empty"
+        if self.no_slash and "/" in value:
+            return f"must not contain '/' (it names a directory), got {value!r}"
+        return None
+
+
+@dataclass(frozen=True)
+class Free:
+    """Any value of the field's type; `why` says where it is checked instead (or why any value works)."""
+
+    why: str
+
+    def problem(self, value: Any) -> str | None:
+        return None
+
+
+POSITIVE = Range(1)
+NON_NEGATIVE = Range(0)
+
+# The valid values of every field, by dotted key; null passes where the type allows it. A new field needs an entry here
+# (tests/test_config.py checks that every field has one). Cross-field rules are in `validate`.
+CHECKS: dict[str, Range | Choice | Text | Free] = {
+    "exp_name": Text(no_slash=True),
+    "seed": Range(0, 2**32 - 1),  # numpy seeds the data order with it
+    "datasets": Free("names checked against the loaders in validate"),
+    "data_files": Free("checked by normalize_data_files"),
+    "dataset_weights": Free("checked in validate"),
+    "model.name": Choice(tuple(MODEL_PRESETS)),
+    "model.name_or_path": Free("a hub id or directory, checked by check_model_source before loading"),
+    "model.tokenizer_name_or_path": Free("checked by check_model_source"),
+    "model.block_name": Free("checked against the model's classes under FSDP"),
+    "model.policy_dtype": Choice(DTYPES),
+    "model.fsdp_policy_mp": Choice(DTYPES),
+    "model.reference_dtype": Choice(DTYPES),
+    "model.archive": Free("must be an existing file, checked in validate"),
+    "model.random_init": Free("true or false"),
+    "model.trust_remote_code": Free("true or false"),
+    "model.device_map": Choice(("auto", "balanced", "balanced_low_0", "sequential")),
+    "model.attn_implementation": Free("transformers checks the kernel name when it builds the model"),
+    "loss.name": Free("sft, dpo or ipo, checked with the other loss keys in validate"),
+    "loss.beta": Free("a positive number, required for dpo and ipo (checked in validate)"),
+    "loss.label_smoothing": Free("a number in [0, 0.5), checked with the other loss keys in validate"),
+    "loss.reference_free": Free("true or false"),
+    "loss.normalize": Choice(("example", "token")),
+    "loss.supervised_logits_only": Free("true or false"),
+    "loss.logits_chunk_tokens": POSITIVE,
+    "batch_size": POSITIVE,
+    "eval_batch_size": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE,
+    "lr": Range(0, strict=True),
+    "optimizer": Free("a torch.optim class, checked in validate"),
+    "warmup_steps": NON_NEGATIVE,
+    "max_grad_norm": Range(0, strict=True, infinite_ok=True),  # inf: no clipping; a negative norm would flip the gradients
+    "max_length": Range(2),  # at least one prompt or response token plus EOS; the model's positions bound it from above
+    "max_prompt_length": NON_NEGATIVE,
+    "n_epochs": POSITIVE,
+    "n_examples": POSITIVE,
+    "n_eval_examples": POSITIVE,
+    "eval_every": POSITIVE,
+    "do_first_eval": Free("true or false"),
+    "sample_during_eval": Free("true or false"),
+    "n_eval_model_samples": NON_NEGATIVE,
+    "sample_greedy": Free("true or false"),
+    "max_new_tokens": POSITIVE,
+    "minimum_log_interval_secs": NON_NEGATIVE,
+    "local_dirs": Free("the first writable entry is used; the last is created otherwise"),
+    "run_dir": Free("checked for an earlier run and a lock when the run starts"),
+    "resume_from": Free("checked in validate and when the run starts"),
+    "keep_last": POSITIVE,
+    "max_updates_this_run": POSITIVE,
+    "debug": Free("true or false"),
+    "activation_checkpointing": Free("true or false"),
+    "export": Free("true or false"),
+    "packing": Free("true or false"),
+    "batching": Choice(("reference", "length_bucketed")),
+    "length_bucket_window": POSITIVE,
+    "tokenize_num_proc": POSITIVE,
+    "data_num_proc": POSITIVE,
+    "cache_node_local": Free("true, false, or null to detect it from the file system"),
+    "save_full_optimizer": Free("true or false"),
+    "allow_tf32": Free("true or false"),
+    "save_every_minutes": Range(0, strict=True),
+    "dist_timeout_minutes": Range(0, strict=True),
+    "overwrite": Free("true or false"),
+    "resume_force": Free("true or false"),
+    "lora.enabled": Free("true or false"),
+    "lora.r": Free("an integer >= 1 (checked with the other lora keys)"),
+    "lora.alpha": Free("a positive number (checked with the other lora keys)"),
+    "lora.dropout": Free("a number in [0, 1) (checked with the other lora keys)"),
+    "lora.target_modules": Free("module names, or [all-linear]"),
+    "lora.quantize": Free("4bit or null"),
+    "reference_logps": Free("live or precompute (checked in validate)"),
+    "lr_schedule": Free("constant, linear or cosine (checked with the schedule)"),
+    "min_lr_ratio": Free("a number in [0, 1] (checked with the schedule)"),
+    "warmup_ratio": Free("a number in [0, 1) or null (checked with the schedule)"),
+    "wandb.enabled": Free("true or false"),
+    "wandb.entity": Free("any wandb entity"),
+    "wandb.project": Text(),
+}
+
+
+def config_fields(cls: type = Config, prefix: str = "") -> list[str]:
+    """Dotted keys of every leaf field of the tree."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(config_fields(hints[f.name], prefix + f.name + "."))
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def check_ranges(config: Config) -> None:
+    """Every field against CHECKS (lists element-wise); the first bad value raises, naming its key."""
+    for key in config_fields():
+        check = CHECKS.get(key)
+        value: Any = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        if check is None or value is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            problem = check.problem(item)
+            if problem:
+                raise ConfigError(f"{key}: {problem}")
 
 
 def normalize_data_files(data_files: dict[str, Any], datasets: list[str], warn: typing.Callable[[str], None]) -> dict[str, dict[str, list[str]]]:
@@ -404,14 +688,10 @@ def validate(config: Config, num_processes: int = 1) -> None:
     """Cross-field checks, run before any model or data is loaded."""
     if not config.exp_name:
         raise ConfigError("exp_name is required (e.g. exp_name=my_run)")
+    check_ranges(config)
     m = config.model
     if m.name == "blank_model" and not m.name_or_path:
         raise ConfigError("model.name_or_path is required with model=blank_model (a hub id or a local model directory)")
-    for key in ("policy_dtype", "reference_dtype"):
-        if getattr(m, key) not in DTYPES:
-            raise ConfigError(f"model.{key}: {getattr(m, key)!r} is not one of {', '.join(DTYPES)}")
-    if m.fsdp_policy_mp is not None and m.fsdp_policy_mp not in DTYPES:
-        raise ConfigError(f"model.fsdp_policy_mp: {m.fsdp_policy_mp!r} is not one of {', '.join(DTYPES)} or null")
     if m.archive is not None and not Path(m.archive).is_file():
         raise ConfigError(f"model.archive: file not found: {m.archive}")
     if m.random_init and m.archive is None and m.name_or_path and not Path(m.name_or_path).is_dir():
@@ -439,20 +719,23 @@ def validate(config: Config, num_processes: int = 1) -> None:
         raise ConfigError(f"packing=true with model.attn_implementation={m.attn_implementation}: that kernel is not known to "
                           f"keep packed examples apart; use one of {', '.join(PACKED_ROW_KERNELS)}, a flash-attention kernel "
                           "(flash_attention_2) or packing=false")
-    if config.batching not in ("reference", "length_bucketed"):
-        raise ConfigError(f"batching: {config.batching!r} must be `reference` or `length_bucketed`")
-    if config.length_bucket_window <= 0:
-        raise ConfigError(f"length_bucket_window must be positive, got {config.length_bucket_window}")
     if not config.datasets:
         raise ConfigError("datasets: give at least one dataset")
     for name in config.datasets:
         if name not in DATASET_NAMES:
             raise ConfigError(f"datasets: unknown dataset {name!r}{suggest(name, DATASET_NAMES)}; choose from {', '.join(DATASET_NAMES)}")
-    for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length", "n_eval_examples"):
-        if getattr(config, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(config, key)}")
     if config.max_prompt_length > config.max_length:
         raise ConfigError(f"max_prompt_length ({config.max_prompt_length}) must not exceed max_length ({config.max_length})")
+    if config.eval_every < config.batch_size:
+        raise ConfigError(f"eval_every ({config.eval_every}) is counted in examples and must be at least one batch "
+                          f"(batch_size={config.batch_size}); an eval and a checkpoint every update is eval_every={config.batch_size}")
+    if config.n_examples is not None and config.n_examples < config.batch_size:
+        raise ConfigError(f"n_examples ({config.n_examples}) is less than one batch (batch_size={config.batch_size}): nothing would train")
+    if config.n_eval_examples < config.eval_batch_size:
+        raise ConfigError(f"n_eval_examples ({config.n_eval_examples}) is less than one eval batch "
+                          f"(eval_batch_size={config.eval_batch_size}): the eval would score nothing")
+    check_schedule(config)
+    check_lora(config.lora)
     if config.n_epochs is None and config.n_examples is None:
         raise ConfigError("set n_epochs or n_examples (training stops at whichever comes first)")
     step = config.gradient_accumulation_steps * num_processes
@@ -468,17 +751,6 @@ def validate(config: Config, num_processes: int = 1) -> None:
 
         names = [n for n in dir(torch.optim) if n[0].isupper() and isinstance(getattr(torch.optim, n), type)]
         raise ConfigError(f"optimizer: torch.optim has no {config.optimizer!r}{suggest(config.optimizer, names)}")
-    if config.keep_last is not None and config.keep_last < 1:
-        raise ConfigError(f"keep_last must be at least 1 or null, got {config.keep_last}")
-    if config.save_every_minutes is not None and not config.save_every_minutes > 0:
-        raise ConfigError(f"save_every_minutes must be positive or null, got {config.save_every_minutes}")
-    if not (config.dist_timeout_minutes > 0 and math.isfinite(config.dist_timeout_minutes)):
-        raise ConfigError(f"dist_timeout_minutes must be a positive number of minutes, got {config.dist_timeout_minutes}")
-    for key in ("tokenize_num_proc", "data_num_proc"):
-        if getattr(config, key) is not None and getattr(config, key) < 1:
-            raise ConfigError(f"{key} must be at least 1 or null, got {getattr(config, key)}")
-    if config.max_updates_this_run is not None and config.max_updates_this_run < 1:
-        raise ConfigError(f"max_updates_this_run must be at least 1 or null, got {config.max_updates_this_run}")
     if config.resume_from not in (None, "auto") and not Path(config.resume_from).is_dir():
         raise ConfigError(f"resume_from: checkpoint directory not found: {config.resume_from}")
     if config.resume_from == "auto" and config.run_dir is None:
@@ -487,7 +759,7 @@ def validate(config: Config, num_processes: int = 1) -> None:
     for name, weight in config.dataset_weights.items():
         if name not in config.datasets:
             raise ConfigError(f"dataset_weights.{name}: {name!r} is not in datasets={config.datasets}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
             raise ConfigError(f"dataset_weights.{name}: expected a non-negative number, got {weight!r}")
 
 
@@ -499,6 +771,118 @@ def check_stage(config: Config, script: str) -> None:
         raise ConfigError(f"loss.name={config.loss.name} is trained by {other}; {script} trains loss.name={' or '.join(wanted)}")
     if script == "dpo_train.py" and config.batching != "reference":
         raise ConfigError(f"batching={config.batching} is for SFT examples; preference pairs use batching=reference")
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def check_model_source(config: Config) -> None:
+    """The model and tokenizer are where the config says, and max_length fits the model's positions: read from config.json
+    (local directory or the hub cache), never from the weights. Hub ids not in the cache fail at once when offline."""
+    m = config.model
+    model_json = None
+    for key, source in (("model.name_or_path", m.name_or_path), ("model.tokenizer_name_or_path", m.tokenizer_name_or_path)):
+        if source is None:
+            continue
+        found = locate_model_file(key, source, "config.json" if key == "model.name_or_path" else "tokenizer_config.json")
+        if key == "model.name_or_path":
+            model_json = found
+    if model_json is None:
+        return
+    try:
+        with open(model_json) as f:
+            model_config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path: cannot read {model_json} ({e})") from None
+    sub = model_config.get("text_config") if isinstance(model_config.get("text_config"), dict) else {}
+    for key in POSITION_KEYS:
+        limit = model_config.get(key, sub.get(key))
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            if config.max_length > limit:
+                raise ConfigError(f"max_length ({config.max_length}) exceeds the {limit} positions of {m.name_or_path} "
+                                  f"({key} in its config.json); set max_length={limit} or less")
+            return
+
+
+def locate_model_file(key: str, source: str, filename: str) -> Path | None:
+    """The local path of `filename` of a model directory or cached hub repo; None when it may still be downloaded."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if key == "model.name_or_path" and not (path / "config.json").is_file():
+            raise ConfigError(f"{key}: {source} is a directory without config.json, so not a model directory")
+        return path / filename if (path / filename).is_file() else None
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith("/") or path.exists():
+        raise ConfigError(f"{key}: no model directory at {source}")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(source, filename)
+    except Exception as e:  # an id that is not a valid repo name
+        raise ConfigError(f"{key}: {source!r} is neither a local directory nor a valid hub id ({one_line(e)})") from None
+    if isinstance(cached, str):
+        return Path(cached)
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"{key}: {source!r} is not a local directory and not in the hub cache, and HF_HUB_OFFLINE is set; "
+                          f"download it once online (or unset HF_HUB_OFFLINE), or give a local directory")
+    if not hub_reachable(constants.ENDPOINT):
+        raise ConfigError(f"{key}: {source!r} is not a local directory or in the hub cache, and {constants.ENDPOINT} cannot be "
+                          "reached; on a machine without network give a local directory (and set HF_HUB_OFFLINE=1)")
+    return None
+
+
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """A quick TCP connect to the hub; with a proxy configured, assume it is reachable (the proxy decides)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def check_schedule(config: Config) -> None:
+    if not config.lr > 0:
+        raise ConfigError(f"lr must be positive, got {config.lr}")
+    if config.lr_schedule not in SCHEDULES:
+        raise ConfigError(f"lr_schedule: {config.lr_schedule!r} is not one of {', '.join(SCHEDULES)}"
+                          f"{suggest(config.lr_schedule, SCHEDULES)}")
+    if config.warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be at least 0, got {config.warmup_steps}")
+    if config.warmup_ratio is not None and not 0 <= config.warmup_ratio < 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1) or null, got {config.warmup_ratio}")
+    if not 0 <= config.min_lr_ratio <= 1:
+        raise ConfigError(f"min_lr_ratio must be in [0, 1], got {config.min_lr_ratio}")
+    if (config.lr_schedule != "constant" or config.warmup_ratio is not None) and config.n_epochs is None and config.n_examples is None:
+        what = f"lr_schedule={config.lr_schedule}" if config.lr_schedule != "constant" else "warmup_ratio"
+        raise ConfigError(f"{what} needs the run's length: set n_epochs or n_examples")
+
+
+QUANTIZE = ("4bit",)
+
+
+def check_lora(lora: LoraConfig) -> None:
+    if lora.r < 1:
+        raise ConfigError(f"lora.r must be at least 1, got {lora.r}")
+    if not lora.alpha > 0:
+        raise ConfigError(f"lora.alpha must be positive, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+    if not lora.target_modules or not all(lora.target_modules):
+        raise ConfigError(f"lora.target_modules: give module names or [all-linear], got {lora.target_modules}")
+    if lora.quantize is not None and lora.quantize not in QUANTIZE:
+        raise ConfigError(f"lora.quantize: {lora.quantize!r} is not one of {', '.join(QUANTIZE)} or null")
+    if lora.quantize is not None and not lora.enabled:
+        raise ConfigError("lora.quantize=4bit quantizes the frozen base of a LoRA run: set lora.enabled=true")
 
 
 def default_run_dir(config: Config) -> Path:

@@ -217,6 +217,10 @@ def check_setup(config: Config, accelerator: Accelerator) -> None:
         if m.random_init or m.archive is not None:
             raise ConfigError("tensor parallelism loads sharded weights with from_pretrained; model.random_init and "
                               "model.archive are not supported with it")
+    if config.lora.quantize is not None:
+        check_quantize(config, mode)
+    if mode == "tp" and config.lora.enabled:
+        raise ConfigError("lora.enabled with tensor parallelism is not supported; use FSDP or DDP for LoRA runs")
     if mode in ("fsdp", "tp"):
         model = meta_model(config)
         if mode == "fsdp":
@@ -255,8 +259,32 @@ def set_matmul_precision(config: Config, device: torch.device, capability: tuple
     return "float32 matmuls in full float32 (allow_tf32=false)"
 
 
+def check_quantize(config: Config, mode: str) -> None:
+    """QLoRA's 4-bit base needs bitsandbytes kernels on a CUDA GPU and real pretrained weights; refused before loading."""
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise ConfigError("lora.quantize=4bit needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine has none: "
+                          "drop lora.quantize to train LoRA on the unquantized base")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("lora.quantize=4bit needs bitsandbytes: pip install bitsandbytes")
+    if mode not in ("single", "ddp"):
+        raise ConfigError(f"lora.quantize=4bit runs in one process or DDP, not {mode}: the 4-bit weights are not sharded here")
+    if config.model.random_init or config.model.archive is not None or config.model.device_map is not None:
+        raise ConfigError("lora.quantize=4bit quantizes pretrained weights as they load: not with model.random_init, "
+                          "model.archive or model.device_map")
+
+
 def model_load_kwargs(config: Config, accelerator: Accelerator) -> dict:
-    """Extra from_pretrained arguments: layers over GPUs (device_map) or the TP plan on all processes."""
+    """Extra from_pretrained arguments: layers over GPUs (device_map), the TP plan on all processes, or QLoRA's 4-bit base
+    (quantized on this process's GPU as it loads)."""
+    if config.lora.quantize is not None:
+        from transformers import BitsAndBytesConfig
+
+        dtype = torch.bfloat16 if config.model.policy_dtype == "float32" else getattr(torch, config.model.policy_dtype)
+        return {"device_map": {"": accelerator.device},
+                "quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                          bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)}
     if config.model.device_map is not None:
         return {"device_map": config.model.device_map}
     if parallel_mode(accelerator) == "tp":
@@ -449,20 +477,27 @@ def ids_to_names(state: dict, model: torch.nn.Module, optimizer: torch.optim.Opt
     }
 
 
-def load_full_state(accelerator: Accelerator, model: torch.nn.Module, optimizer, policy_path: Path, optimizer_path: Path) -> None:
-    """Resume: load a full policy.pt and optimizer.pt into the (possibly sharded) model and optimizer.
+def load_full_state(accelerator: Accelerator, model: torch.nn.Module, optimizer, policy_path: Path, optimizer_path: Path,
+                    partial: bool = False) -> None:
+    """Resume: load a full policy.pt (or, `partial`, a LoRA run's adapter.pt: the trainable tensors only, each of which
+    must be matched) and optimizer.pt into the (possibly sharded) model and optimizer.
 
     Under FSDP/TP only the main process reads the files and the others receive their shards from it, so a 7B run does
     not hold one CPU copy per process.
     """
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)
     if not sharded(accelerator):
-        accelerator.unwrap_model(model).load_state_dict(ckpt.load_archive(policy_path)["state"])
+        weights = ckpt.load_archive(policy_path)["state"]
+        result = accelerator.unwrap_model(model).load_state_dict(weights, strict=not partial)
+        trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+        if partial and (result.unexpected_keys or trainable - weights.keys()):
+            raise ckpt.CheckpointError(f"{policy_path} does not match the model's trainable parameters (lora settings "
+                                       f"changed?): unexpected {result.unexpected_keys[:3]}, missing {sorted(trainable - weights.keys())[:3]}")
         torch_optimizer.load_state_dict(ckpt.load_archive(optimizer_path)["state"])
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not partial)
     main = accelerator.is_main_process
     set_model_state_dict(model, ckpt.load_archive(policy_path)["state"] if main else {}, options=options)
     optim_state = ids_to_names(ckpt.load_archive(optimizer_path)["state"], model, torch_optimizer) if main else {}
@@ -479,3 +514,23 @@ def raise_open_file_limit(accelerator: Accelerator) -> str | None:
         return None
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return f"raised the open-file soft limit from {soft} to {hard}"
+
+
+def describe_setup(config: Config, accelerator: Accelerator, run_dir: Path) -> str:
+    """What is about to run, in two lines: device, processes and mode, dtypes, batch split, run directory; plus a note when
+    the launcher was asked for several processes but started one."""
+    mode, n = parallel_mode(accelerator), accelerator.num_processes
+    _, dp = data_parallel(accelerator)
+    micro = config.batch_size // (config.gradient_accumulation_steps * dp)
+    compute = config.model.fsdp_policy_mp if mode == "fsdp" and config.model.fsdp_policy_mp else config.model.policy_dtype
+    lines = [
+        f"running {mode} on {n} process{'es' if n > 1 else ''} ({accelerator.device.type}); weights and optimizer state "
+        f"{config.model.policy_dtype}, compute {compute}; batch_size {config.batch_size} = {micro} per device x "
+        f"{config.gradient_accumulation_steps} accumulation x {dp} data-parallel",
+        f"run dir: {run_dir}",
+    ]
+    if n == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        # accelerate's simple launcher (MULTI_CPU without mpirun) sets MASTER_ADDR for num_processes > 1 but starts one
+        lines.append("note: the launch config asked for several processes, but this is the only one (accelerate starts "
+                     "MULTI_CPU processes only through mpirun); use accelerate_configs/cpu_2proc.yaml for several CPU processes")
+    return "\n".join(lines)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console()
+# Written to a file or pipe, lines keep their length instead of being wrapped at 80 columns.
+console = Console(soft_wrap=not sys.stdout.isatty())
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -89,3 +92,26 @@ class MetricsLogger:
         for row in rows[:4]:
             table.add_row(row["prompt"][-200:], row["sample"][:400])
         console.print(table)
+
+
+def check_wandb_credentials(config) -> None:
+    """wandb enabled, online and without credentials would fail (or prompt) after the model loaded: refuse it first."""
+    from training.config import ConfigError
+
+    if not config.wandb.enabled or config.debug:
+        return
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or \
+            os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        return
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
+    netrc = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        with open(netrc) as f:
+            if host in f.read():
+                return
+    except OSError:
+        pass
+    raise ConfigError("wandb.enabled=true but no wandb credentials were found (WANDB_API_KEY or `wandb login`); log in, "
+                      "or log locally with WANDB_MODE=offline, or turn it off with wandb.enabled=false")

@@ -1,11 +1,17 @@
 """The training loop and run bookkeeping that sft_train.py and dpo_train.py share.
 
-    optimizer, scheduler = build_optimizer(config, model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = start_state(config, accelerator, model, optimizer, scheduler, resume_dir, run_dir)   # fresh or resumed
-    with restored_signal_handlers():
-        finished = train(config, accelerator, model, optimizer, scheduler, plans, n_planned, state, run_dir, logger,
-                         train_step=..., evaluate=...)
+    resume_dir, saved_run = resume_point(config, accelerator) # checkpoint to continue; its run settings already compared
+    run_dir = pick_run_dir(config, accelerator, resume_dir)
+    with claimed_run_dir(config, accelerator, run_dir, resume_dir):   # refuses a finished or live run; locked while training
+        ...                                                   # tokenizer, data; check_resume(saved_run, signature, ...)
+        prepare_run_dir(config, accelerator, run_dir)         # config.yaml, and what is about to run
+        optimizer, scheduler = build_optimizer(config, model, n_updates)   # n_updates: training/schedule.py count_updates
+        model, optimizer = accelerator.prepare(model, optimizer)
+        state = start_state(config, accelerator, model, optimizer, scheduler, resume_dir, run_dir)   # fresh or resumed
+        state.run = run_signature(config, data_fingerprint)   # recorded in every checkpoint, compared on resume
+        with restored_signal_handlers():
+            finished = train(config, accelerator, model, optimizer, scheduler, plans, n_planned, state, run_dir, logger,
+                             train_step=..., evaluate=...)
 
 A script supplies only what its objective changes: `train_step(examples) -> metrics` (one optimizer step over the global
 batch, built from `micro_batches` and `optimizer_step`) and `evaluate() -> metrics`. Everything else (eval cadence,
@@ -34,9 +40,12 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from training import checkpoint as ckpt
 from training.config import Config, default_run_dir, save_config
-from training.distributed import (data_parallel, detached, full_model_state, full_optimizer_state, load_full_state, load_sharded,
-                                  parallel_mode, save_sharded, sharded, synced_generate)
+from training.distributed import (data_parallel, describe_setup, detached, full_model_state, full_optimizer_state,
+                                  load_full_state, load_sharded, parallel_mode, save_sharded, sharded, synced_generate)
+from training.adapters import checkpoint_weights
 from training.logger import console
+from training.rundir import check_resume, claim_run_dir, on_main_process, run_signature
+from training.schedule import build_scheduler, schedule_of
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,7 @@ class TrainState:
     examples_counted: int = 0  # the reference's stop counter (includes dropped partial batches)
     last_eval: int = -1  # examples_seen at the last eval, so a resumed run does not repeat it
     eval_metrics: dict | None = None
+    run: dict | None = None  # settings that fix the data order and the counters (training/rundir.py), checked on resume
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal=USR1@600, sent ahead of the kill
@@ -120,11 +130,12 @@ def continue_command(script: str, run_dir: Path, parent_argv: list[str] | None =
     return shlex.join([*words, f"{run_dir}/config.yaml", f"run_dir={run_dir}", "resume_from=auto"])
 
 
-def build_optimizer(config: Config, model: torch.nn.Module):
-    """`config.optimizer` over the model's parameters and the warmup schedule (stepped by hand, once per optimizer step)."""
-    optimizer = getattr(torch.optim, config.optimizer)(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (config.warmup_steps + 1)))
-    return optimizer, scheduler
+def build_optimizer(config: Config, model: torch.nn.Module, n_updates: int):
+    """`config.optimizer` over the model's trainable parameters and the lr schedule over the run's `n_updates` optimizer steps
+    (training/schedule.py; stepped by hand, once per optimizer step)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]  # a LoRA run: the adapters only
+    optimizer = getattr(torch.optim, config.optimizer)(trainable, lr=config.lr)
+    return optimizer, build_scheduler(optimizer, config, n_updates)
 
 
 def seed_everything(seed: int) -> None:
@@ -138,9 +149,13 @@ def start_state(config: Config, accelerator, model, optimizer, scheduler, resume
     if resume_dir is None:
         seed_everything(config.seed)
         return TrainState()
-    state = resume(resume_dir, model, optimizer, scheduler, accelerator, run_dir)
+    wanted = schedule_of(scheduler).describe()
+    state = resume(config, resume_dir, model, optimizer, scheduler, accelerator, run_dir)
     if scheduler.base_lrs[0] != config.lr:
         log.warning("lr=%g is ignored: the resumed optimizer and schedule keep the checkpoint's lr=%g", config.lr, scheduler.base_lrs[0])
+    if schedule_of(scheduler).describe() != wanted:  # scheduler.pt carries the schedule it started (training/schedule.py)
+        log.warning("lr schedule %s is ignored: the resumed run continues the checkpoint's (%s)", wanted,
+                    schedule_of(scheduler).describe())
     return state
 
 
@@ -201,7 +216,6 @@ def train(config: Config, accelerator, model, optimizer, scheduler, plans: Itera
     logger.close()
     if accelerator.is_main_process:
         ckpt.writer.wait()  # the other processes may already be gone: nothing collective follows
-        console.print(f"[green]done[/green]: {state.examples_seen} examples, {state.updates} updates; policy at {run_dir}/LATEST/policy.pt")
     return True
 
 
@@ -282,8 +296,9 @@ def save(config, accelerator, model, optimizer, scheduler, state, run_dir, name)
     rng = gather_object([ckpt.rng_state()])  # one per process: ranks sample different prompts, so their generators differ
     if not main:
         return
+    weights = checkpoint_weights(model, policy_state, config.lora.enabled)  # LoRA: policy.pt merged, plus adapter.pt
     train_state = ckpt.plain({**asdict(state), "rng": rng, "logs": ckpt.log_sizes(run_dir)})
-    args = (config, run_dir, name, state.examples_seen, policy_state, optimizer_state, copy.deepcopy(scheduler.state_dict()),
+    args = (config, run_dir, name, state.examples_seen, weights, optimizer_state, copy.deepcopy(scheduler.state_dict()),
             train_state, state.eval_metrics or {}, is_sharded)
     if is_sharded:
         ckpt.writer.submit(write_and_prune, *detached(args, model, optimizer))
@@ -291,20 +306,25 @@ def save(config, accelerator, model, optimizer, scheduler, state, run_dir, name)
         write_and_prune(*args)
 
 
-def write_and_prune(config, run_dir, name, step_idx, policy_state, optimizer_state, scheduler_state, train_state, metrics,
+def write_and_prune(config, run_dir, name, step_idx, weights, optimizer_state, scheduler_state, train_state, metrics,
                     started) -> None:
-    ckpt.write_checkpoint(run_dir, name, step_idx, policy_state, optimizer_state, scheduler_state, train_state, metrics, started)
+    """`weights`: {"policy.pt": state} and, for a LoRA run, {"adapter.pt": state} (training/adapters.py)."""
+    extra = {k: v for k, v in weights.items() if k != "policy.pt"}
+    ckpt.write_checkpoint(run_dir, name, step_idx, weights["policy.pt"], optimizer_state, scheduler_state, train_state, metrics,
+                          started, extra)
     if name.startswith("step-"):
         ckpt.prune(run_dir, config.keep_last)
 
 
-def resume(path: Path, model, optimizer, scheduler, accelerator, run_dir: Path) -> TrainState:
+def resume(config: Config, path: Path, model, optimizer, scheduler, accelerator, run_dir: Path) -> TrainState:
     """Model, optimizer, scheduler, counters, data position and RNG of a checkpoint; in its own run_dir the logs are cut back
     to the checkpoint (see training/checkpoint.py), so the steps trained again are not logged twice."""
-    if ckpt.is_sharded(path):  # any number of processes, any mode
+    if ckpt.is_sharded(path):  # any number of processes, any mode (a LoRA run's shards hold base and adapters)
         load_sharded(model, optimizer, path / ckpt.RESUME_DIR)
     else:
-        load_full_state(accelerator, model, optimizer, path / "policy.pt", path / "optimizer.pt")
+        # LoRA: the frozen base is the one loaded at start, and policy.pt holds it merged, so only the adapters are loaded.
+        weights = path / "adapter.pt" if config.lora.enabled else path / "policy.pt"
+        load_full_state(accelerator, model, optimizer, weights, path / "optimizer.pt", partial=config.lora.enabled)
     scheduler.load_state_dict(ckpt.load_archive(path / "scheduler.pt")["state"])
     saved = ckpt.load_train_state(path / "train_state.pt")
     ckpt.set_rng_state(saved.pop("rng"), accelerator.process_index)
@@ -316,22 +336,64 @@ def resume(path: Path, model, optimizer, scheduler, accelerator, run_dir: Path) 
     return state
 
 
-def prepare_run_dir(config: Config, accelerator, resume_dir: Path | None) -> Path:
-    """Same directory on every process (the main one picks it); config.yaml written there before training."""
+def resume_point(config: Config, accelerator) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume (None for a fresh run) and the run settings it recorded, checked against this config's
+    before any data or model is loaded (the data itself is compared once it is tokenized)."""
+    if not config.resume_from:
+        return None, None
+    with accelerator.main_process_first():  # only the main process repairs a LATEST left between two renames by a crash
+        resume_dir = ckpt.resolve_resume(config.resume_from, config.run_dir)
+    saved_run = ckpt.load_train_state(resume_dir / "train_state.pt").get("run")
+    check_resume(saved_run, run_signature(config), resume_dir, config.resume_force)
+    return resume_dir, saved_run
+
+
+def pick_run_dir(config: Config, accelerator, resume_dir: Path | None) -> Path:
+    """Same directory on every process (the main one picks it)."""
     if config.run_dir is not None:
         run_dir = Path(config.run_dir)
     elif resume_dir is not None:
         run_dir = resume_dir.parent
     else:
         run_dir = default_run_dir(config)
-    run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else run_dir
+    return Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else run_dir
+
+
+@contextlib.contextmanager
+def claimed_run_dir(config: Config, accelerator, run_dir: Path, resume_dir: Path | None):
+    """run_dir locked for this run (main process) while the block runs; refused when it holds a run that this one does not
+    resume (unless overwrite=true). A run that fails before logging anything leaves no trace there."""
+    claim = on_main_process(accelerator, lambda: claim_run_dir(run_dir, resume_dir is not None, config.overwrite))
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        if claim is not None:
+            claim.release(failed=failed)
+
+
+def prepare_run_dir(config: Config, accelerator, run_dir: Path) -> None:
+    """Crash leftovers put right and config.yaml written before training; the setup is described."""
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.recover(run_dir)
         save_config(config, run_dir / "config.yaml")
-        console.print(f"run dir: {run_dir}")
+        console.print(describe_setup(config, accelerator, run_dir), soft_wrap=True, highlight=False)
     accelerator.wait_for_everyone()
-    return run_dir
+
+
+def run_summary(state: TrainState, run_dir: Path, seconds: float) -> str:
+    """The end of a run: what trained, the final eval, and where the outputs are."""
+    metrics = state.eval_metrics or {}
+    lines = [f"[green]done[/green]: {state.examples_seen} examples, {state.updates} updates in {seconds / 60:.1f} min; "
+             f"final eval loss {metrics.get('loss/eval', float('nan')):.4f}",
+             f"  policy (the input of DPO): {run_dir}/LATEST/policy.pt"]
+    if (run_dir / "hf").is_dir():
+        lines.append(f"  Hugging Face export:       {run_dir}/hf")
+    plots = sorted(p.name for p in run_dir.glob("*.png"))
+    if plots:
+        lines.append(f"  plots:                     {', '.join(str(run_dir / p) for p in plots)}")
+    return "\n".join(lines)
 
 
 def start_wandb(config: Config, run_dir: Path, accelerator):

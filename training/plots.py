@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         if fig is None:
             continue
         path = run_dir / f"{name}.png"
-        fig.savefig(path, dpi=120)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")  # renamed into place: no half-written PNG
+        try:
+            fig.savefig(tmp, dpi=120)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         written.append(path)
     return written
 
@@ -139,10 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         paths = plot_run(args.run_dir)
     except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+        from training.errors import UserError
+
+        raise UserError(str(err)) from None
     for path in paths:
         print(path)
 
 
 if __name__ == "__main__":
-    main()
+    from training.cli import run_main
+
+    run_main(main)

@@ -62,8 +62,8 @@ def record_wrapping(save):
 
 
 def dumping_resume(resume):
-    def dump(path, model, optimizer, scheduler, accelerator, run_dir):
-        state = resume(path, model, optimizer, scheduler, accelerator, run_dir)
+    def dump(config, path, model, optimizer, scheduler, accelerator, run_dir):
+        state = resume(config, path, model, optimizer, scheduler, accelerator, run_dir)
         policy = distributed.full_model_state(accelerator, model)
         optim = distributed.full_optimizer_state(accelerator, model, optimizer)
         if accelerator.is_main_process:
