@@ -12,6 +12,7 @@ of optimizer.pt); LATEST/policy.pt is the input of DPO.
 
 from __future__ import annotations
 
+import training.cpu_threads  # noqa: F401,I001  first: OpenMP's passive waiting must be set before torch is imported
 import functools
 import logging
 import math

@@ -91,7 +91,7 @@ def all_modes() -> dict[str, list[str] | None]:
 
 def base_overrides(args) -> list[str]:
     common = [f"batch_size={args.batch_size}", f"max_length={args.max_length}", f"max_prompt_length={args.max_length // 2}",
-              "lr=1e-5", "max_grad_norm=10", "n_epochs=100", "wandb.enabled=false", "exp_name=throughput"]
+              "lr=1e-5", "warmup_steps=0", "max_grad_norm=10", "n_epochs=100", "wandb.enabled=false", "exp_name=throughput"]
     if args.workload == "real":
         return [f"model.name_or_path={args.real_model}", "model.policy_dtype=float32", *common]
     return [f"model.name_or_path={TINY_TOKENIZER}", *common]
@@ -165,35 +165,33 @@ def step_counts(examples: list[dict], positions: int) -> dict:
 
 
 def suite_run(mode: str, overrides: list[str], args) -> dict:
-    import torch
-
     import sft_train
+    from data.batches import plan_train_batches
     from data.packing import tensor_tokens
     from modeling.load import load_tokenizer
     from training.distributed import build_accelerator, prepare_model
+    from training.loop import TrainState, build_optimizer
 
     config, model = build_model(args, overrides)
     tokenizer = load_tokenizer(config.model)
     data = load_examples(args, tokenizer)
-    plans = sft_train.plan_train_batches(config.batching, data, config.batch_size, config.seed, config.n_epochs, None)
+    plans = plan_train_batches(config.batching, data, config.batch_size, config.seed, config.n_epochs, None)
     batches = [next(plans).indices for _ in range(args.steps + 1)]
     accelerator = build_accelerator(config)
     prepare_model(config, accelerator, model)
-    optimizer = getattr(torch.optim, config.optimizer)(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    optimizer, scheduler = build_optimizer(config, model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if getattr(sft_train, "maybe_compile", None):  # compile mode, where this checkout has it
-        model = sft_train.maybe_compile(config, model)
-    state = sft_train.TrainState()
+    state = TrainState()
     counts = []
 
     def step(indices, warmup=False):
-        examples = [data[i] for i in indices]
-        metrics = sft_train.train_step(config, accelerator, model, optimizer, scheduler, examples, tokenizer.pad_token_id,
-                                       state, args.work_dir)
+        metrics = sft_train.train_step(config, accelerator, model, optimizer, scheduler, data, tokenizer.pad_token_id, state,
+                                       Path(args.work_dir), indices)
         if not warmup:
+            examples = [data[i] for i in indices]
             lengths = [len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples]
-            counts.append(step_counts(examples, tensor_tokens(lengths, config.packing, config.max_length)))
+            counts.append(step_counts(examples, tensor_tokens(lengths, config.packing, config.max_length,
+                                                              config.model.attn_implementation)))
         return metrics["loss/train"]
 
     return {**timed(step, batches, args), "counts": counts}
