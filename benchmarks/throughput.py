@@ -17,7 +17,8 @@ Modes:
                  without and with its packing; it shuffles and packs on its own, so its per-step token counts differ
   padded         the suite's reference batching with full logits (loss.supervised_logits_only=false)
   padded+sup     ... with supervised-only chunked logits (the default)
-  bucketed       batching=length_bucketed (+ supervised-only logits)
+  bucketed       batching=length_bucketed (+ supervised-only logits): the timed examples of the other modes regrouped
+                 by length among themselves (a window of --steps batches, where training uses 64: a lower bound)
   packed         packing=true (+ supervised-only logits, sdpa_packed attention)
   packed+bucketed  both
 Modes whose config keys exist on this checkout are added too: `+compile` (compile=true) and `+lora` (lora.enabled=true) of
@@ -47,8 +48,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: the packages live in the repository root
-for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM"):
-    os.environ.setdefault(var, "false" if var == "TOKENIZERS_PARALLELISM" else "1")
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(var, "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as sft_train.py sets it (training/cpu_threads.py), for every mode
 
 SHARED = REPO.parent / "shared" / "data"
 HH_ROWS = SHARED / "hh" / "harmless-base-test-300.jsonl.gz"
@@ -65,7 +67,7 @@ SUITE_MODES = {
 }
 OPTIONAL = {"compile": ["compile=true"], "lora": ["lora.enabled=true"]}  # added when the config has the key
 BASELINES = ("naive", "trl", "trl+pack")
-SAME_BATCHES = {"naive", "padded", "padded+sup", "packed"}  # reference order: the same examples in every step
+SAME_BATCHES = {"naive", "padded", "padded+sup", "packed"}  # the same examples in every step (bucketed: the same in all)
 
 
 def optional_modes() -> dict[str, list[str]]:
@@ -166,7 +168,7 @@ def step_counts(examples: list[dict], positions: int) -> dict:
 
 def suite_run(mode: str, overrides: list[str], args) -> dict:
     import sft_train
-    from data.batches import plan_train_batches
+    from data.batches import bucketed_batches, plan_train_batches
     from data.packing import tensor_tokens
     from modeling.load import load_tokenizer
     from training.distributed import build_accelerator, prepare_model
@@ -175,8 +177,13 @@ def suite_run(mode: str, overrides: list[str], args) -> dict:
     config, model = build_model(args, overrides)
     tokenizer = load_tokenizer(config.model)
     data = load_examples(args, tokenizer)
-    plans = plan_train_batches(config.batching, data, config.batch_size, config.seed, config.n_epochs, None)
+    plans = plan_train_batches("reference", data, config.batch_size, config.seed, config.n_epochs, None)
     batches = [next(plans).indices for _ in range(args.steps + 1)]
+    if config.batching == "length_bucketed":  # the same examples as the other modes, regrouped by length within them
+        timed_examples = [i for b in batches[1:] for i in b]
+        lengths = {i: len(data[i]["prompt_ids"]) + len(data[i]["response_ids"]) for i in timed_examples}
+        batches[1:] = [[timed_examples[k] for k in b] for b in bucketed_batches(
+            list(range(len(timed_examples))), [lengths[i] for i in timed_examples], config.batch_size, args.steps, config.seed)]
     accelerator = build_accelerator(config)
     prepare_model(config, accelerator, model)
     optimizer, scheduler = build_optimizer(config, model)
