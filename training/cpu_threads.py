@@ -1,7 +1,7 @@
 """CPU thread settings that degrade gracefully when other processes share the cores.
 
     import training.cpu_threads  # noqa: F401   first import of an entry script: before torch loads OpenMP
-    set_cpu_threads(model, accelerator.device)   # after the model is built (training/distributed.py prepare_model does it)
+    set_cpu_threads(model, accelerator.device)   # after the model is built, as sft_train.py does
 
 PyTorch's CPU kernels run on OpenMP (libgomp in the pip wheels). By default an OpenMP thread that finishes its share of an op
 spins for a while before it sleeps, so that the next op starts at once. That wins microseconds on an idle machine; when other
