@@ -92,13 +92,13 @@ def main(argv: list[str] | None = None) -> Path | None:
         if config.lora.enabled:
             model = add_adapters(model, config.lora)  # the base frozen; FSDP still wraps each model.block_name
             log.info("LoRA: %d of %d parameters trainable", *trainable_parameters(model))
+        set_cpu_threads(model, accelerator.device)  # one thread for tiny CPU models unless OMP_NUM_THREADS is set
         prepare_model(config, accelerator, model)
         optimizer, scheduler = build_optimizer(config, model, n_updates)
         model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand: once per optimizer step
         state = start_state(config, accelerator, model, optimizer, scheduler, resume_dir, run_dir)
         state.run = signature
 
-<<<<<<< HEAD
         logger = MetricsLogger(run_dir, start_wandb(config, run_dir, accelerator), config.minimum_log_interval_secs,
                                enabled=accelerator.is_main_process)
         plans, n_planned = run_plan(config, train_data, state.epoch, state.offset)
@@ -115,32 +115,6 @@ def main(argv: list[str] | None = None) -> Path | None:
             finish_run(config, run_dir)  # {run_dir}/hf from LATEST/policy.pt (no second gather)
             plot_run_or_warn(run_dir)
             console.print(run_summary(state, run_dir, time.monotonic() - started), soft_wrap=True, highlight=False)
-=======
-    run_dir = prepare_run_dir(config, accelerator, resume_dir)
-    torch.manual_seed(config.seed)  # random_init models must not depend on earlier RNG use
-    model = load_model(config.model, str(cache), **model_load_kwargs(config, accelerator))
-    set_cpu_threads(model, accelerator.device)  # one thread for tiny CPU models unless OMP_NUM_THREADS is set
-    prepare_model(config, accelerator, model)
-    optimizer, scheduler = build_optimizer(config, model)
-    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand: once per optimizer step
-    state = start_state(config, accelerator, model, optimizer, scheduler, resume_dir, run_dir)
-
-    logger = MetricsLogger(run_dir, start_wandb(config, run_dir, accelerator), config.minimum_log_interval_secs,
-                           enabled=accelerator.is_main_process)
-    plans, n_planned = run_plan(config, train_data, state.epoch, state.offset)
-    peak = device_peak_flops(accelerator.device, compute_dtype(config.model.policy_dtype, config.model.fsdp_policy_mp,
-                                                               parallel_mode(accelerator) == "fsdp", config.allow_tf32))
-    step = functools.partial(train_step, config, accelerator, model, optimizer, scheduler, train_data, tokenizer.pad_token_id,
-                             state, run_dir, flops=model_flops(accelerator.unwrap_model(model)), peak_flops=peak)
-    evaluate_now = functools.partial(evaluate, config, accelerator, model, tokenizer, eval_data, eval_plan(config, len(eval_data)),
-                                     state, logger)
-    with restored_signal_handlers():
-        finished = train(config, accelerator, model, optimizer, scheduler, plans, n_planned, state, run_dir, logger,
-                         train_step=step, evaluate=evaluate_now, script="sft_train.py")
-    if finished and accelerator.is_main_process:
-        finish_run(config, run_dir)  # {run_dir}/hf from LATEST/policy.pt (no second gather)
-        plot_run_or_warn(run_dir)
->>>>>>> 4979a00 (Thread choice applied by sft_train.py after the model is built; README throughput: real-model table, which mode on CPU and GPU, thread settings)
     return run_dir
 
 
