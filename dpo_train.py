@@ -14,6 +14,7 @@ directory as sft_train.py: config.yaml, metrics.jsonl, step-{N}/ and LATEST/ wit
 
 from __future__ import annotations
 
+import training.cpu_threads  # noqa: F401,I001  first: OpenMP's passive waiting must be set before torch is imported
 import dataclasses
 import functools
 import gc
@@ -35,6 +36,7 @@ from modeling.lora import add_adapters
 from training.adapters import trainable_parameters
 from training.cli import config_help, help_requested, run_main
 from training.config import Config, cache_dir, check_model_source, check_stage, load_config, normalize_data_files, validate
+from training.cpu_threads import set_cpu_threads
 from training.distributed import (build_accelerator, check_setup, data_first, data_parallel, gather_dp, model_load_kwargs,
                                   prepare_frozen, prepare_model, raise_open_file_limit, set_matmul_precision)
 from training.logger import MetricsLogger, check_wandb_credentials, console
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         if config.lora.enabled:
             model = add_adapters(model, config.lora)  # the base frozen; FSDP still wraps each model.block_name
             log.info("LoRA: %d of %d parameters trainable", *trainable_parameters(model))
+        set_cpu_threads(model, accelerator.device)  # one thread for tiny CPU models unless OMP_NUM_THREADS is set
         prepare_model(config, accelerator, model)
         optimizer, scheduler = build_optimizer(config, model, n_updates)
         model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand: once per optimizer step

