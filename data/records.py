@@ -8,15 +8,28 @@
 
 Names: hh, shp, se (hub datasets or local copies of their rows) and jsonl (local rows of prompt/chosen[/rejected]).
 `TRUNCATION_MODE[name]` says which end of an over-long prompt to keep.
+
+With a `cache_dir`, records are cached in `{cache_dir}/records/{key}`, keyed by dataset, split, the source's content (local
+files) or fingerprint (hub revision) and RECORDS_VERSION: StackExchange's HTML cleaning (2.4 h on one core) is done once,
+not by every process of every run.
 """
 
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
 from typing import Callable, TypedDict
 
+from data import hh, se, shp
+from data.cache import read_entry, write_entry
 from data.files import DataError, resolve_paths
 from data.hh import load_hh
 from data.local import load_jsonl
 from data.se import load_se
 from data.shp import load_shp
+
+RECORDS_VERSION = "r1"  # bump when a loader's rules change, so old cache entries are not reused
 
 
 class Record(TypedDict):
@@ -47,11 +60,54 @@ def load_records(
     if name not in LOADERS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(LOADERS)}")
     paths = None if files is None else resolve_paths(files)
-    records = LOADERS[name](split, paths, cache_dir, **({"num_proc": num_proc} if name in PARALLEL else {}))
+    path = Path(cache_dir, "records", records_key(name, split, paths, cache_dir)) if cache_dir is not None else None
+    records = read_entry(path, _load) if path is not None else None
+    if records is None:
+        records = LOADERS[name](split, paths, cache_dir, **({"num_proc": num_proc} if name in PARALLEL else {}))
+        if path is not None and records:
+            write_entry(path, lambda tmp: _save(records, tmp))
     if not records:
         source = "the hub" if paths is None else f"files {paths}"
         message = f"dataset {name!r} split {split!r} from {source} produced no records"
         if name == "shp":
             message += " (rows are kept only when max(score_A/score_B, score_B/score_A) >= 2; the filter removed all)"
         raise DataError(message)
+    return records
+
+
+HUB_SOURCES = {"hh": (hh.HUB_NAME, None), "shp": (shp.HUB_NAME, None), "se": (se.HUB_NAME, "train")}  # (name, split read)
+
+
+def records_key(name: str, split: str, paths: list[str] | None, cache_dir: str | None) -> str:
+    """Dataset, split, loader version and the source: the bytes of local files in order, or the hub dataset's fingerprint."""
+    h = hashlib.sha256(f"{RECORDS_VERSION}|{name}|{split}".encode())
+    if paths is not None:
+        for p in paths:
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+            h.update(b"\0")
+    else:
+        import datasets  # imported here: slow
+
+        hub_name, hub_split = HUB_SOURCES[name]
+        h.update(datasets.load_dataset(hub_name, split=hub_split or split, cache_dir=cache_dir)._fingerprint.encode())
+    return h.hexdigest()[:24]
+
+
+def _save(records: dict[str, Record], tmp: Path) -> None:
+    with open(tmp / "records.jsonl", "w", encoding="utf-8") as f:
+        for prompt, r in records.items():
+            f.write(json.dumps([prompt, r["responses"], r["pairs"], r["sft_target"]], ensure_ascii=False) + "\n")
+    (tmp / "count.json").write_text(json.dumps(len(records)))
+
+
+def _load(path: Path) -> dict[str, Record]:
+    records: dict[str, Record] = {}
+    with open(path / "records.jsonl", encoding="utf-8") as f:
+        for line in f:
+            prompt, responses, pairs, sft_target = json.loads(line)
+            records[prompt] = {"responses": responses, "pairs": [tuple(p) for p in pairs], "sft_target": sft_target}
+    if len(records) != json.loads((path / "count.json").read_text()):
+        raise ValueError("truncated")
     return records

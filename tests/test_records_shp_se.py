@@ -185,3 +185,25 @@ def test_se_cleaning_in_several_processes_gives_the_same_records():
     parallel = se_records(numbered(rows), num_proc=2)
     assert len(serial) == 600 and 1800 >= 4 * se.CLEAN_CHUNK
     assert list(parallel.items()) == list(serial.items())
+
+
+def test_records_are_cached_by_dataset_split_and_source_content(tmp_path, monkeypatch):
+    from data import se
+
+    rows = [se_row(f"<p>q{i}</p>", (f"<p>a{i}</p>", i), (f"<p>b{i}</p>", 1)) for i in range(250)]
+    path = write_jsonl(tmp_path / "se.jsonl", rows)
+    cache = str(tmp_path / "cache")
+    built = load_records("se", "train", files=[str(path)], cache_dir=cache)
+    assert len(list((tmp_path / "cache" / "records").iterdir())) == 1
+
+    def no_cleaning(html):
+        raise AssertionError("cleaned again")
+
+    monkeypatch.setattr(se, "clean_html", no_cleaning)
+    cached = load_records("se", "train", files=[str(path)], cache_dir=cache)
+    assert list(cached.items()) == list(built.items())  # same records, same order, pairs as tuples
+    with pytest.raises(AssertionError, match="cleaned again"):
+        load_records("se", "test", files=[str(path)], cache_dir=cache)  # another split: its own entry
+    write_jsonl(path, rows[:-1] + [se_row("<p>new</p>", ("<p>x</p>", 1))])
+    with pytest.raises(AssertionError, match="cleaned again"):
+        load_records("se", "train", files=[str(path)], cache_dir=cache)  # changed content: rebuilt
