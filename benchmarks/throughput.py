@@ -184,9 +184,13 @@ def suite_run(mode: str, overrides: list[str], args) -> dict:
         lengths = {i: len(data[i]["prompt_ids"]) + len(data[i]["response_ids"]) for i in timed_examples}
         batches[1:] = [[timed_examples[k] for k in b] for b in bucketed_batches(
             list(range(len(timed_examples))), [lengths[i] for i in timed_examples], config.batch_size, args.steps, config.seed)]
+    if config.lora.enabled:  # as sft_train.main: adapters on the frozen base, the optimizer over the adapters only
+        from modeling.lora import add_adapters
+
+        model = add_adapters(model, config.lora)
     accelerator = build_accelerator(config)
     prepare_model(config, accelerator, model)
-    optimizer, scheduler = build_optimizer(config, model)
+    optimizer, scheduler = build_optimizer(config, model, args.steps + 1)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     counts = []
