@@ -29,15 +29,15 @@ from modeling.export import finish_run
 from modeling.load import load_model, load_tokenizer
 from modeling.lora import add_adapters
 from modeling.loss import sequence_nll
-from training.cli import config_help, help_requested, run_main
+from training.cli import run_main
 from training.adapters import trainable_parameters
-from training.config import Config, cache_dir, check_model_source, check_stage, load_config, normalize_data_files, validate
+from training.config import cache_dir
 from training.cpu_threads import set_cpu_threads
-from training.distributed import (build_accelerator, check_setup, data_first, data_parallel, gather_dp, model_load_kwargs,
-                                  parallel_mode, prepare_model, raise_open_file_limit, set_matmul_precision)
-from training.logger import MetricsLogger, check_wandb_credentials, console
-from training.loop import (build_optimizer, claimed_run_dir, gather_order, generate_samples, micro_batches, no_sync_unless_last, optimizer_step,
-                           pick_run_dir, prepare_run_dir, raise_if_not_finite, restored_signal_handlers, resume_point,
+from training.distributed import (build_accelerator, data_first, data_parallel, gather_dp, model_load_kwargs,
+                                  parallel_mode, prepare_model)
+from training.logger import MetricsLogger, console
+from training.loop import (build_optimizer, start_run, claimed_run_dir, gather_order, generate_samples, micro_batches, no_sync_unless_last, optimizer_step,
+                           prepare_run_dir, raise_if_not_finite, restored_signal_handlers, 
                            run_summary, save, start_state, start_wandb, train)
 from training.rundir import check_resume, run_signature
 from training.plots import plot_run_or_warn
@@ -49,24 +49,11 @@ log = logging.getLogger("sft")
 
 def main(argv: list[str] | None = None) -> Path | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = sys.argv[1:] if argv is None else argv
-    if help_requested(args)[0]:
-        print(config_help(Config, help_requested(args)[1], usage=__doc__.strip()))
-        return None
     started = time.monotonic()
-    config = load_config(args)
-    check_wandb_credentials(config)
-    accelerator = build_accelerator(config)
-    validate(config, data_parallel(accelerator)[1])
-    check_stage(config, "sft_train.py")
-    check_model_source(config)  # model directory or hub cache, max_length within the model's positions: config.json only
-    check_setup(config, accelerator)  # FSDP block name, TP plan, device_map: fail before loading anything
-    for note in (raise_open_file_limit(accelerator), set_matmul_precision(config, accelerator.device)):
-        if note:
-            log.info(note)
-    data_files = normalize_data_files(config.data_files, config.datasets, log.warning)
-    resume_dir, saved_run = resume_point(config, accelerator)
-    run_dir = pick_run_dir(config, accelerator, resume_dir)
+    run = start_run(sys.argv[1:] if argv is None else argv, "sft_train.py", __doc__, build_accelerator)
+    if run is None:  # --help was printed
+        return None
+    config, accelerator, data_files, resume_dir, saved_run, run_dir = run
     with claimed_run_dir(config, accelerator, run_dir, resume_dir):  # refuses a finished or live run; locks run_dir
         cache = cache_dir(config)
         tokenizer = load_tokenizer(config.model)

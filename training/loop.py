@@ -431,3 +431,31 @@ def generate_samples(config, accelerator, model, tokenizer, eval_data, eval_batc
     ]
     rows = gather_object(rows if rank * share < len(indices) else [])
     return rows[: len(indices)]
+
+
+def start_run(args: list[str], script: str, usage: str, build_accelerator):
+    """What a training script checks before any tokenizer, data or model is loaded: the config and its ranges, the objective
+    of `script`, the model's config.json, the parallel setup, the checkpoint to resume and the run directory. None when
+    `--help` was asked for (printed here), else (config, accelerator, data_files, resume_dir, saved_run, run_dir)."""
+    from training.cli import config_help, help_requested
+    from training.config import check_model_source, check_stage, load_config, normalize_data_files, validate
+    from training.distributed import check_setup, raise_open_file_limit, set_matmul_precision
+    from training.logger import check_wandb_credentials
+
+    wants_help, section = help_requested(args)
+    if wants_help:
+        print(config_help(Config, section, usage=usage.strip()))
+        return None
+    config = load_config(args)
+    check_wandb_credentials(config)
+    accelerator = build_accelerator(config)
+    validate(config, data_parallel(accelerator)[1])
+    check_stage(config, script)
+    check_model_source(config)  # model directory or hub cache, max_length within the model's positions: config.json only
+    check_setup(config, accelerator)  # FSDP block name, TP plan, device_map: fail before loading anything
+    for note in (raise_open_file_limit(accelerator), set_matmul_precision(config, accelerator.device)):
+        if note:
+            log.info(note)
+    data_files = normalize_data_files(config.data_files, config.datasets, log.warning)
+    resume_dir, saved_run = resume_point(config, accelerator)
+    return config, accelerator, data_files, resume_dir, saved_run, pick_run_dir(config, accelerator, resume_dir)
