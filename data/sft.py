@@ -10,6 +10,10 @@ dataset whose first row has `messages` is chat data: one example per row (see da
 Weights (train mixtures): a dataset with weight w and n examples contributes round(w * n) examples: floor(w) full copies in
 order, then a sample without replacement of the remaining count, drawn from Random(f"{name}:{seed}") and kept in file order.
 w = 1 (the default) keeps the dataset as it is; w = 0.5 keeps a fixed half; w = 2.5 repeats it twice plus a fixed half.
+
+Cache: a tokenized split lives in `{cache_dir}/tokenized/split-{key}`, the key made from its inputs alone (split_key: the local
+files' paths and bytes or the hub dataset's fingerprint, weights, seed, tokenizer and settings), so a run whose inputs are
+unchanged hashes them and reads the entry without parsing a record or tokenizing.
 """
 
 from __future__ import annotations

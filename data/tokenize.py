@@ -1,4 +1,4 @@
-"""Examples -> token ids with the reference's truncation rules, tokenized in batches by `datasets.map` and cached on disk.
+"""Examples -> token ids with the reference's truncation rules, tokenized in large batches and cached on disk.
 
     from data.tokenize import TokenizeSettings, tokenize_examples
     tokenized = tokenize_examples(examples, tokenizer, TokenizeSettings(512, 256), cache_dir=".cache/cache", num_proc=4)
@@ -17,9 +17,14 @@ the response and supervised; an EOS inside either text is an error. With L = len
 Chat rows are rendered and masked by data/chat.py; their prompt is every token before the first supervised one and their response
 the rest, so the same two rules apply (the response mask is cut with the response).
 
+Tokenizing: one call of the Rust backend per TOKENIZE_CHUNK rows, whose threads use every core (unless TOKENIZERS_PARALLELISM
+is false; tokenizers turns them off by itself in a process forked after they ran), written straight into Arrow with fixed
+types. With num_proc > 1, datasets.map runs the same function in that many processes instead.
+
 The cache key is the tokenizer (vocabulary, merges, special tokens, chat template), the settings and a hash of the input rows'
-content, so a second run with the same data reads the tokenized dataset from disk without tokenizing. The cache never fails a
-run (data/cache.py): a corrupt entry is rebuilt with a warning, a failed write (disk full) warns and the run goes on.
+content, so a second run with the same data reads the tokenized dataset from disk without tokenizing; data/sft.py keys whole
+splits by their input files instead, so it need not even parse them. The cache never fails a run (data/cache.py): a corrupt
+entry is rebuilt with a warning, a failed write (disk full) warns and the run goes on.
 """
 
 from __future__ import annotations
