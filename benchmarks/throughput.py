@@ -432,12 +432,13 @@ def data_prep(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(name))
     load_start = os.getloadavg()[0]
     times: dict[str, list[float]] = {"reference": [], "cold": [], "cached": []}
+    cpu: dict[str, list[float]] = {k: [] for k in times}  # CPU seconds of this process, all threads (the backend's too)
     with tempfile.TemporaryDirectory() as work:
         rows = hh_split(Path(work), args.prep_rows)
         files = {"hh": {"train": [str(rows)]}}
         settings = TokenizeSettings(args.max_length, args.max_length // 2)
         for round_idx in range(max(1, args.rounds)):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             records = load_records("hh", "train", files=[str(rows)])
             eos = tokenizer.eos_token_id
             reference = []
@@ -446,15 +447,18 @@ def data_prep(args) -> None:
                 r = tokenizer(record["sft_target"], add_special_tokens=False)["input_ids"] + [eos]
                 reference.append(truncate(p, r, "keep_end", args.max_length, args.max_length // 2))
             times["reference"].append(time.perf_counter() - start)
+            cpu["reference"].append(time.process_time() - start_cpu)
             cache = str(Path(work) / f"cache-{round_idx}")
             fresh = AutoTokenizer.from_pretrained(str(name))
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             cold = build_split(["hh"], "train", files, fresh, settings, cache)
             times["cold"].append(time.perf_counter() - start)
+            cpu["cold"].append(time.process_time() - start_cpu)
             fresh = AutoTokenizer.from_pretrained(str(name))
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             cached = build_split(["hh"], "train", files, fresh, settings, cache)
             times["cached"].append(time.perf_counter() - start)
+            cpu["cached"].append(time.process_time() - start_cpu)
             assert len(cold) == len(cached) == len(reference)
             for tokenized in (cold, cached):
                 assert all(list(a) == b[0] and list(c) == b[1]
@@ -464,6 +468,7 @@ def data_prep(args) -> None:
           f"interleaved rounds: reference per-example {best['reference']:.2f} s, cold {best['cold']:.2f} s, cached "
           f"{best['cached'] * 1000:.1f} ms; all rounds (s): " + "; ".join(f"{k} " + " ".join(f"{t:.3f}" for t in v)
                                                               for k, v in times.items())
+          + f"; CPU s (best): " + ", ".join(f"{k} {min(v):.3f}" for k, v in cpu.items())
           + f"; load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(f"data preparation vs the reference's per-example path: cold {best['reference'] / best['cold']:.1f}x, "
           f"cached {best['reference'] / best['cached']:.0f}x")
