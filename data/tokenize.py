@@ -134,7 +134,7 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     direct = (
         backend is not None and hasattr(backend, "encode_batch_fast") and backend.truncation is None
-        and backend.padding is None and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))
+        and backend.padding is None and getattr(backend, "encode_special_tokens", False) == bool(getattr(tokenizer, "split_special_tokens", False))
     )
     if not direct:
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -151,7 +151,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """Changes whenever the tokenizer would produce other ids or render chats differently.
 
     Two parts. The source, hashed once per tokenizer object: the bytes of its files when it was loaded from a directory with a
-    tokenizer.json (3 ms), else the serialized backend (vocabulary and merges: 70 ms for a 49k vocabulary). And the in-memory
+    tokenizer.json (3 ms; the files as they are at this object's first fingerprint), else the serialized backend (vocabulary and merges: 70 ms for a 49k vocabulary). And the in-memory
     state, read on every call (microseconds), so changes made after loading are seen: added and special tokens (a pad token
     added), EOS, the chat template, split_special_tokens, the normalizer, pre-tokenizer, post-processor and decoder.
     """
@@ -272,16 +272,14 @@ def tokenize_examples(
 
 
 INPUT_COLUMNS = ("prompt", "target", "mode", "example_id", "messages")
-FEATURES = datasets.Features({
-    **{c: datasets.Value("string") for c in INPUT_COLUMNS},
-    "prompt_ids": datasets.List(datasets.Value("int64")),
-    "response_ids": datasets.List(datasets.Value("int64")),
-    "response_mask": datasets.List(datasets.Value("int64")),
-    "n_supervised": datasets.Value("int64"),
-    "truncated": datasets.Value("bool"),
-    "full_prompt_length": datasets.Value("int64"),
-    "full_response_length": datasets.Value("int64"),
-})
+# The types datasets infers from the Python values (so entries and tokens_fingerprint are what they were), fixed up front.
+ARROW_SCHEMA = pa.schema(
+    [(c, pa.string()) for c in INPUT_COLUMNS]
+    + [(c, pa.list_(pa.int64())) for c in ("prompt_ids", "response_ids", "response_mask")]
+    + [("n_supervised", pa.int64()), ("truncated", pa.bool_()), ("full_prompt_length", pa.int64()),
+       ("full_response_length", pa.int64())]
+)
+FEATURES = datasets.Features.from_arrow_schema(ARROW_SCHEMA)
 # Rows per backend call: large enough for the Rust threads and few calls, small enough that the Encodings of one chunk
 # (ids, offsets and token strings per token) stay a few hundred MB for long rows.
 TOKENIZE_CHUNK = 8192
@@ -312,7 +310,7 @@ def _tokenize(examples: datasets.Dataset | dict[str, list], tokenizer, settings:
         # In this process, a chunk at a time straight into Arrow with the output's types (no datasets.map: no per-batch
         # writer or type inference); the backend spreads each chunk's rows over its threads.
         columns = examples.to_dict() if isinstance(examples, datasets.Dataset) else examples
-        schema = FEATURES.arrow_schema
+        schema = ARROW_SCHEMA
         chunks = []
         for start in range(0, n, TOKENIZE_CHUNK):
             batch = {c: columns[c][start : start + TOKENIZE_CHUNK] for c in INPUT_COLUMNS}
