@@ -17,6 +17,7 @@ import pytest
 
 import data.cache
 import data.hh
+import data.records
 import data.sft
 import data.tokenize
 from data.cache import tmp_suffix
@@ -96,6 +97,7 @@ def test_writes_are_fsynced_before_the_rename(files, tokenizer, tmp_path, monkey
     renamed: list = []
     monkeypatch.setattr(data.cache.os, "fsync", fsync)
     monkeypatch.setattr(data.cache.os, "rename", rename)
+    monkeypatch.setattr(data.records, "CACHED_LOCAL", {"hh"})  # as for local SE files: a records entry is written too
     split(files, tokenizer, tmp_path / "cache")
     assert len(renamed) == 2  # two entries published: the canonical records and the tokenized split, each synced first
 
@@ -147,6 +149,7 @@ def test_unchanged_inputs_are_read_without_parsing_records(files, tmp_path, monk
     monkeypatch.setattr(data.hh, "hh_records", must_not_parse)
     again = split(files, demo_tokenizer(), cache)  # a new tokenizer object, as in a new run
     assert again.to_dict() == first.to_dict() and tokenize_calls == [1]
+    assert not (cache / "records").exists()  # local HH files parse as fast as a records entry reads back: none written
 
 
 def edit_data_file(files, tokenizer, tmp_path):
