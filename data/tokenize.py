@@ -132,9 +132,10 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     state that call would put it in (no truncation or padding, the tokenizer's own split_special_tokens), so the ids are equal.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    split_special = bool(getattr(tokenizer, "split_special_tokens", False))
     direct = (
         backend is not None and hasattr(backend, "encode_batch_fast") and backend.truncation is None
-        and backend.padding is None and getattr(backend, "encode_special_tokens", False) == bool(getattr(tokenizer, "split_special_tokens", False))
+        and backend.padding is None and getattr(backend, "encode_special_tokens", False) == split_special
     )
     if not direct:
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -151,9 +152,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """Changes whenever the tokenizer would produce other ids or render chats differently.
 
     Two parts. The source, hashed once per tokenizer object: the bytes of its files when it was loaded from a directory with a
-    tokenizer.json (3 ms; the files as they are at this object's first fingerprint), else the serialized backend (vocabulary and merges: 70 ms for a 49k vocabulary). And the in-memory
-    state, read on every call (microseconds), so changes made after loading are seen: added and special tokens (a pad token
-    added), EOS, the chat template, split_special_tokens, the normalizer, pre-tokenizer, post-processor and decoder.
+    tokenizer.json (as they are at this object's first fingerprint; 3 ms), else the serialized backend (vocabulary and
+    merges: 70 ms for a 49k vocabulary). And the in-memory state, read on every call (microseconds), so changes made after
+    loading are seen: added and special tokens (a pad token added), EOS, the chat template, split_special_tokens, the
+    normalizer, pre-tokenizer, post-processor, decoder and the model's options. Not seen: a backend model object replaced in
+    memory by another of the same type and vocabulary size (to_str() would see it; nothing in this suite does that).
     """
     try:
         source = _SOURCE_HASHES.get(tokenizer)
