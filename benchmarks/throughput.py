@@ -30,7 +30,8 @@ Rounds visit the modes in turn, so every mode sees the same machine load; each r
 weights, and the table shows the median round. Figures: non-pad tokens per wall second and per CPU second of the process
 (the second is steadier on a shared machine), supervised tokens/s, peak RSS, per-step real/supervised/tensor tokens so the
 work is visibly equal, and ratios to `naive`. `loss diff` compares the first step's loss with `padded` (same batch, same
-weights: must be ~0). The last lines compare cold and cached data preparation with the reference's per-example path.
+weights: must be ~0). The last lines compare cold and cached data preparation with the reference's per-example path
+(best of `--rounds` interleaved rounds, wall and CPU seconds).
 """
 
 from __future__ import annotations
