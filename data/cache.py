@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -111,8 +112,16 @@ def fsync_path(path: Path) -> None:
 
 
 def fsync_tree(root: Path) -> None:
-    """Every file's data, then every directory's entries, so the rename never publishes unwritten blocks."""
+    """Every file's data, then every directory's entries, so the rename never publishes unwritten blocks.
+
+    The fsyncs of each stage are issued together from threads: the file system then commits them in one or two journal
+    flushes instead of one each (ext4 here: 3-8 ms for six small files instead of 21-27 ms one after the other).
+    """
+    files: list[Path] = []
+    directories: list[Path] = []
     for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fsync_path(Path(dirpath, name))
-        fsync_path(Path(dirpath))
+        files.extend(Path(dirpath, name) for name in filenames)
+        directories.append(Path(dirpath))
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(files)))) as pool:
+        list(pool.map(fsync_path, files))  # all file data first (list() re-raises the first error)
+        list(pool.map(fsync_path, directories))

@@ -4,8 +4,10 @@ fsynced before they are published, and temporary entries of dead processes are c
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,10 @@ import datasets
 import pytest
 
 import data.cache
+import data.hh
+import data.records
+import data.sft
+import data.tokenize
 from data.cache import tmp_suffix
 from data.sft import build_split
 from data.tokenize import TokenizeSettings
@@ -91,6 +97,7 @@ def test_writes_are_fsynced_before_the_rename(files, tokenizer, tmp_path, monkey
     renamed: list = []
     monkeypatch.setattr(data.cache.os, "fsync", fsync)
     monkeypatch.setattr(data.cache.os, "rename", rename)
+    monkeypatch.setattr(data.records, "CACHED_LOCAL", {"hh"})  # as for local SE files: a records entry is written too
     split(files, tokenizer, tmp_path / "cache")
     assert len(renamed) == 2  # two entries published: the canonical records and the tokenized split, each synced first
 
@@ -106,3 +113,87 @@ def test_orphaned_temporary_entries_of_dead_processes_are_removed(files, tokeniz
         (d / "sub").mkdir(parents=True)
     split(files, tokenizer, tmp_path / "cache")
     assert not orphan.exists() and live.exists() and foreign.exists()
+
+
+# The split's cache key is computed from its inputs before any record is parsed: unchanged inputs are a hit that neither
+# parses nor tokenizes; a changed input file, tokenizer (on disk or in memory) or setting is a rebuild.
+
+def demo_tokenizer(directory=DEMO):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+@pytest.fixture
+def tokenize_calls(monkeypatch):
+    calls = []
+    real = data.tokenize.tokenize_batch
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data.tokenize, "tokenize_batch", counted)
+    return calls
+
+
+def test_unchanged_inputs_are_read_without_parsing_records(files, tmp_path, monkeypatch, tokenize_calls):
+    cache = tmp_path / "cache"
+    first = split(files, demo_tokenizer(), cache)
+    assert tokenize_calls == [1]
+
+    def must_not_parse(*args, **kwargs):
+        raise AssertionError("records parsed on a cache hit")
+
+    monkeypatch.setattr(data.sft, "load_records", must_not_parse)
+    monkeypatch.setattr(data.hh, "hh_records", must_not_parse)
+    again = split(files, demo_tokenizer(), cache)  # a new tokenizer object, as in a new run
+    assert again.to_dict() == first.to_dict() and tokenize_calls == [1]
+    assert not (cache / "records").exists()  # local HH files parse as fast as a records entry reads back: none written
+
+
+def edit_data_file(files, tokenizer, tmp_path):
+    path = Path(files["hh"]["test"][0])
+    rows = path.read_text().splitlines(keepends=True)
+    row = json.loads(rows[5])
+    row["chosen"] += " And one more sentence."
+    path.write_text("".join(rows[:5] + [json.dumps(row) + "\n"] + rows[6:]))  # same path, other bytes
+    return files, tokenizer, SETTINGS
+
+
+def edit_tokenizer_file(files, tokenizer, tmp_path):
+    copy = tmp_path / "tokenizer-copy"
+    shutil.copytree(DEMO, copy, ignore=shutil.ignore_patterns("*.jsonl"))
+    spec = json.loads((copy / "tokenizer.json").read_text())
+    spec["model"]["merges"] = spec["model"]["merges"][: len(spec["model"]["merges"]) // 2]  # same vocabulary, fewer merges
+    (copy / "tokenizer.json").write_text(json.dumps(spec))
+    return files, demo_tokenizer(copy), SETTINGS
+
+
+def add_token_in_memory(files, tokenizer, tmp_path):
+    tokenizer.add_tokens(["Hum"])  # in memory only ("Human" becomes "Hum" + "an"): the files it was loaded from are unchanged
+    return files, tokenizer, SETTINGS
+
+
+def add_pad_token_in_memory(files, tokenizer, tmp_path):
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return files, tokenizer, SETTINGS
+
+
+def other_settings(files, tokenizer, tmp_path):
+    return files, tokenizer, TokenizeSettings(20, 12)  # the demo rows are shorter than SETTINGS: these truncate
+
+
+@pytest.mark.parametrize("change", [edit_data_file, edit_tokenizer_file, add_token_in_memory, add_pad_token_in_memory,
+                                    other_settings])
+def test_a_changed_input_is_rebuilt(files, tmp_path, tokenize_calls, change):
+    cache = tmp_path / "cache"
+    tokenizer = demo_tokenizer()
+    first = split(files, tokenizer, cache)
+    new_files, new_tokenizer, settings = change(files, tokenizer, tmp_path)
+    rebuilt = build_split(["hh"], "test", new_files, new_tokenizer, settings, str(cache))
+    assert tokenize_calls == [1, 1] and len(entries(cache)) == 2
+    fresh = build_split(["hh"], "test", new_files, new_tokenizer, settings, None)  # no cache at all
+    assert rebuilt.to_dict() == fresh.to_dict()
+    if change is not add_pad_token_in_memory:  # a pad token changes no id of this text, only the key
+        assert rebuilt.to_dict() != first.to_dict()

@@ -292,3 +292,16 @@ def test_num_proc_gives_the_same_result(tokenizer, hh_path):
     two = tokenize_examples(examples, tokenizer, TokenizeSettings(128, 64), num_proc=2)
     assert two["prompt_ids"] == one["prompt_ids"] and two["response_ids"] == one["response_ids"]
     assert torch.equal(torch.tensor(two["n_supervised"]), torch.tensor(one["n_supervised"]))
+
+
+def test_backend_encoding_gives_the_ids_of_a_tokenizer_call(tokenizer, hh_path):
+    from data.tokenize import encode_texts
+    from transformers import AutoTokenizer
+
+    fresh = AutoTokenizer.from_pretrained(str(TINY_GPT2))  # its backend state is changed below
+    texts = [r for prompt, record in load_records("hh", "test", files=[hh_path]).items() for r in (prompt, record["sft_target"])]
+    expected = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert encode_texts(fresh, texts) == expected
+    fresh(texts[:2], truncation=True, max_length=3)  # leaves truncation set on the backend
+    assert fresh.backend_tokenizer.truncation is not None
+    assert encode_texts(fresh, texts) == expected  # not cut to 3 tokens

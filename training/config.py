@@ -227,7 +227,8 @@ class Config:
     """dpo/ipo: `live` runs the reference model next to the policy at every step (the reference's way); `precompute` scores
     the train and eval pairs with it once before training, caches the log-probs and frees it."""
     tokenize_num_proc: int | None = None
-    """Processes for tokenization; null uses one."""
+    """Processes for tokenization; null uses one, whose tokenizer backend already spreads each batch over every core (unless
+    TOKENIZERS_PARALLELISM=false), so more processes pay off only where the backend's threads are off."""
     data_num_proc: int | None = None
     """Processes for building the canonical records (StackExchange's HTML cleaning); null uses one. Records are cached."""
     cache_node_local: bool | None = None
