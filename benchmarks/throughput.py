@@ -273,6 +273,8 @@ def trl_run(mode: str, overrides, args) -> dict:
         max_steps=args.steps + 1, learning_rate=config.lr, optim="rmsprop", max_grad_norm=config.max_grad_norm,
         lr_scheduler_type="constant", warmup_steps=0, max_length=args.max_length, packing=mode == "trl+pack",
         completion_only_loss=True, report_to=[], save_strategy="no", logging_steps=10_000, use_cpu=True,
+        # its defaults turn on bf16 autocast and activation checkpointing: off, so it runs the same fp32 work as every mode
+        bf16=False, fp16=False, gradient_checkpointing=False,
         dataloader_num_workers=0, disable_tqdm=True, seed=0,
     )
     trainer = CountingTrainer(model=model, args=trl_config, train_dataset=rows, processing_class=tokenizer, callbacks=[Timer()])
@@ -474,7 +476,7 @@ def main() -> None:
     parser.add_argument("--workload", default="both", choices=["tiny", "real", "both", "none"])
     parser.add_argument("--modes", default=None, help="comma-separated (default: all); see the list above")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default: tiny 4, real 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default: tiny 4, real 2)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--real_model", type=Path, default=DEFAULT_REAL)
@@ -504,7 +506,7 @@ def main() -> None:
             continue
         run_args = argparse.Namespace(**vars(args), workload_name=workload)
         run_args.workload = workload
-        run_args.steps = args.steps or (1 if workload == "real" else 4)
+        run_args.steps = args.steps or (2 if workload == "real" else 4)
         run_args.vocab = 49152 if workload == "real" else 32000
         title = (f"{workload}: batch {args.batch_size}, max_length {args.max_length}, {run_args.steps} timed step(s) per round, "
                  f"{'SmolLM2-135M' if workload == 'real' else 'tiny Llama 256x4, vocab 32k'}, 300 HH rows")
