@@ -13,8 +13,9 @@ Workloads (batch 8, max_length 512, the 300 real HH rows of ../shared/data/hh, R
 
 Modes:
   naive          baseline: a plain PyTorch loop: pad to the batch's longest, model(input_ids, attention_mask, labels).loss
-  trl, trl+pack  baseline (when trl is importable): trl's SFTTrainer on the same tokenized examples (completion-only loss),
-                 without and with its packing; it shuffles and packs on its own, so its per-step token counts differ
+  trl, trl+pack  baseline (when trl is importable): trl's SFTTrainer on the same tokenized examples in the same order
+                 (completion-only loss, fp32, no activation checkpointing: its bf16 and checkpointing defaults turned off),
+                 without and with its packing; it packs on its own (rows of max_length), so trl+pack's token counts differ
   padded         the suite's reference batching with full logits (loss.supervised_logits_only=false)
   padded+sup     ... with supervised-only chunked logits (the default)
   bucketed       batching=length_bucketed (+ supervised-only logits): the timed examples of the other modes regrouped
@@ -251,9 +252,13 @@ def trl_run(mode: str, overrides, args) -> dict:
     config, model = build_model(args, ["model.attn_implementation=sdpa"])
     tokenizer = load_tokenizer(config.model)
     data = load_examples(args, tokenizer)
+    from data.batches import plan_batches
+
+    # the batches of the naive loop, in its order: trl's first (untimed) step takes the first, the timed steps the rest
+    order = [data[i] for p in list(plan_batches(len(data), args.batch_size, 0, 1, None))[: args.steps + 1] for i in p.indices]
     rows = datasets.Dataset.from_dict({
-        "input_ids": [p + r for p, r in zip(data["prompt_ids"], data["response_ids"])],
-        "completion_mask": [[0] * len(p) + [1] * len(r) for p, r in zip(data["prompt_ids"], data["response_ids"])],
+        "input_ids": [e["prompt_ids"] + e["response_ids"] for e in order],
+        "completion_mask": [[0] * len(e["prompt_ids"]) + [1] * len(e["response_ids"]) for e in order],
     })
     marks: list[tuple[float, float]] = []
     counts: list[dict] = []
@@ -263,6 +268,9 @@ def trl_run(mode: str, overrides, args) -> dict:
             marks.append((time.perf_counter(), time.process_time()))
 
     class CountingTrainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):  # in file order, as the other modes take them (no shuffle)
+            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
         def compute_loss(self, model, inputs, *a, **kw):
             labels = inputs["labels"]
             real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else int((inputs["position_ids"] >= 0).sum())
@@ -274,6 +282,8 @@ def trl_run(mode: str, overrides, args) -> dict:
         max_steps=args.steps + 1, learning_rate=config.lr, optim="rmsprop", max_grad_norm=config.max_grad_norm,
         lr_scheduler_type="constant", warmup_steps=0, max_length=args.max_length, packing=mode == "trl+pack",
         completion_only_loss=True, report_to=[], save_strategy="no", logging_steps=10_000, use_cpu=True,
+        # its defaults turn on bf16 autocast and activation checkpointing: off, so it runs the same fp32 work as every mode
+        bf16=False, fp16=False, gradient_checkpointing=False,
         dataloader_num_workers=0, disable_tqdm=True, seed=0,
     )
     trainer = CountingTrainer(model=model, args=trl_config, train_dataset=rows, processing_class=tokenizer, callbacks=[Timer()])
@@ -496,7 +506,7 @@ def main() -> None:
     parser.add_argument("--workload", default="both", choices=["tiny", "real", "both", "none"])
     parser.add_argument("--modes", default=None, help="comma-separated (default: all); see the list above")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default: tiny 4, real 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default: tiny 4, real 2)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--real_model", type=Path, default=DEFAULT_REAL)
@@ -526,7 +536,7 @@ def main() -> None:
             continue
         run_args = argparse.Namespace(**vars(args), workload_name=workload)
         run_args.workload = workload
-        run_args.steps = args.steps or (1 if workload == "real" else 4)
+        run_args.steps = args.steps or (2 if workload == "real" else 4)
         run_args.vocab = 49152 if workload == "real" else 32000
         title = (f"{workload}: batch {args.batch_size}, max_length {args.max_length}, {run_args.steps} timed step(s) per round, "
                  f"{'SmolLM2-135M' if workload == 'real' else 'tiny Llama 256x4, vocab 32k'}, 300 HH rows")

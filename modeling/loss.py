@@ -70,26 +70,36 @@ def token_nll_sums(
     logits: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor | None = None, n_examples: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """From full logits. Shifted by one: position t predicts label t+1; -100 labels are ignored. `owner` (rows x positions,
-    example of each position) sums packed rows per example; without it each row is one example."""
-    logits = logits[:, :-1].float()
-    labels = labels[:, 1:]
-    mask = labels != -100
-    logps = torch.log_softmax(logits, dim=-1)
-    token_logps = torch.gather(logps, 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+    example of each position) sums packed rows per example; without it each row is one example.
+
+    The log-softmax runs only at supervised positions (picked before the fp32 cast): the result is the reference's
+    log_softmax-then-gather, but the full-vocabulary softmax, its fp32 copy and their backward are never made for the prompt
+    and padding positions, which are most of a padded batch."""
+    rows, width = labels.shape
+    flat_positions, wanted, supervised = supervised_positions(labels)
+    selected = logits.reshape(rows * width, logits.shape[-1]).index_select(0, flat_positions).float()
+    nll = torch.logsumexp(selected, dim=-1) - selected.gather(1, wanted.unsqueeze(1)).squeeze(1)
     if owner is None:
-        return -(token_logps * mask).sum(-1), mask.sum(-1)
-    owner = owner[:, 1:][mask]
-    nll = torch.zeros(n_examples, dtype=torch.float32, device=logits.device).index_add_(0, owner, -token_logps[mask])
-    return nll, torch.bincount(owner, minlength=n_examples)
+        owner, n_examples = torch.arange(rows, device=labels.device).unsqueeze(1).expand(rows, width), rows
+    owner = owner[:, 1:][supervised]
+    sums = torch.zeros(n_examples, dtype=torch.float32, device=logits.device).index_add_(0, owner, nll)
+    return sums, torch.bincount(owner, minlength=n_examples)
+
+
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat indices (row * width + t) of the positions whose next label is supervised, those labels, and the mask over the
+    shifted labels (rows x width-1)."""
+    width = labels.shape[1]
+    targets = labels[:, 1:]
+    supervised = targets != -100
+    flat_positions = (supervised.nonzero() * torch.tensor([width, 1], device=labels.device)).sum(-1)
+    return flat_positions, targets[supervised], supervised
 
 
 def supervised_nll_sums(model, base, inputs, labels, owner, n_examples, chunk_tokens):
     """NLL from the head applied only at supervised positions; None when the model's forward altered the head's output."""
     rows, width = labels.shape
-    targets = labels[:, 1:]
-    supervised = targets != -100
-    flat_positions = (supervised.nonzero() * torch.tensor([width, 1], device=labels.device)).sum(-1)
-    wanted = targets[supervised]
+    flat_positions, wanted, supervised = supervised_positions(labels)
     head = base.get_output_embeddings()
     head_forward = head.forward
     produced = []

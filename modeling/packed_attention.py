@@ -30,12 +30,14 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, packed_spans=
     if packed_spans is None or not getattr(attention_mask, "packed_only", False) or key.shape[2] != query.shape[2] \
             or len(packed_spans) != query.shape[0]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    # unbind/split rather than slicing: the backward of a slice writes a zero tensor of the whole input for every example
+    # and layer (the step's largest copy cost on CPU), that of a split is one concatenation. The spans cover each row.
     rows = []
-    for b, spans in enumerate(packed_spans):
+    for spans, q, k, v in zip(packed_spans, query.unbind(0), key.unbind(0), value.unbind(0)):
+        sizes = [e - s for s, e in spans]
         rows.append(torch.cat([
-            sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], None,
-                                   **kwargs)[0]
-            for s, e in spans
+            sdpa_attention_forward(module, qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), None, **kwargs)[0]
+            for qs, ks, vs in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1))
         ], dim=1))
     return torch.cat(rows, dim=0), None
 

@@ -93,3 +93,43 @@ def test_softcapped_model_uses_full_logits(tmp_path):
     assert logits.abs().max() <= 3.0  # the cap applied: these are the logits the loss must use
     logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(2, batch["labels"][:, 1:].clamp(min=0).unsqueeze(2)).squeeze(2)
     torch.testing.assert_close(ours, -(logps * (batch["labels"][:, 1:] != -100)).sum(-1))
+
+
+def reference_nll_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's per-example log-prob sum: log_softmax over every shifted position, gathered, masked, summed."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:].clone()
+    mask = labels != -100
+    labels[~mask] = 0
+    logps = torch.gather(torch.log_softmax(logits, dim=-1), 2, labels.unsqueeze(2)).squeeze(2)
+    return -(logps * mask).sum(-1), mask.sum(-1)
+
+
+def test_full_logits_path_is_the_reference_formula_with_softmax_only_at_supervised_positions(tmp_path):
+    """Values and gradients equal the reference's log_softmax-then-gather, and no softmax-like op sees a tensor holding
+    every position's logits (those of the prompt and padding positions are never normalised)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from modeling.loss import token_nll_sums
+
+    batch = collate(batch_examples(), 0)
+    rows, width = batch["labels"].shape
+    vocab = 320  # above every id batch_examples draws
+    logits = torch.randn(rows, width, vocab, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    expected, expected_counts = reference_nll_sums(logits, batch["labels"])
+    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
+
+    class SoftmaxSizes(TorchDispatchMode):
+        sizes: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(k in func.__name__ for k in ("softmax", "logsumexp", "exp")):
+                self.sizes.append(max(a.numel() for a in args if isinstance(a, torch.Tensor)))
+            return func(*args, **(kwargs or {}))
+
+    with SoftmaxSizes() as mode:
+        nll, counts = token_nll_sums(logits, batch["labels"])
+        (grad,) = torch.autograd.grad(nll.sum(), logits)
+    assert counts.tolist() == expected_counts.tolist() == [4, 9, 2, 5]
+    torch.testing.assert_close(nll, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-7)
+    assert mode.sizes and max(mode.sizes) <= sum(counts.tolist()) * vocab, mode.sizes

@@ -15,9 +15,10 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn: seconds off every training run's start
+    from matplotlib.figure import Figure
 
 # Plot name -> (title, y label, metrics drawn). Only these keys are type-checked; other keys in a record are ignored.
 PLOTS: dict[str, tuple[str, str, list[str]]] = {
@@ -87,6 +88,8 @@ def build_figure(records: list[dict[str, Any]], name: str) -> Figure | None:
     drawn = {key: xy for key, xy in drawn.items() if xy[0]}
     if not drawn:
         return None
+    from matplotlib.figure import Figure
+
     # A bare Figure (no pyplot) renders with Agg when saved to PNG: no display, no global figure state.
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
