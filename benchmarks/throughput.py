@@ -424,8 +424,8 @@ def print_profiles(title: str, results: dict[str, list[dict]]) -> None:
 
 
 def data_prep(args) -> None:
-    """Cold (records + tokenization + cache write) and cached preparation of one HH split, against the reference's path:
-    per example, tokenizer(prompt) and tokenizer(response) one call each, then truncation (preference_datasets.py).
+    """Cold (records + tokenization + cache write) and cached preparation of one HH split, against the reference's path
+    (reference_sft_element: what its SFT iterator does per example, and again every epoch; one pass is timed here).
 
     The three are interleaved for `--rounds` rounds and the best of each is reported, so a burst of load elsewhere on the
     machine hits one round rather than one side. Cold and cached builds each get a freshly loaded tokenizer (loaded outside
@@ -436,7 +436,7 @@ def data_prep(args) -> None:
 
     from data.records import load_records
     from data.sft import build_split
-    from data.tokenize import TokenizeSettings, truncate
+    from data.tokenize import TokenizeSettings
 
     datasets.disable_progress_bars()
     name = args.real_model if (args.real_model / "tokenizer.json").exists() else TINY_TOKENIZER
@@ -451,12 +451,8 @@ def data_prep(args) -> None:
         for round_idx in range(max(1, args.rounds)):
             start, start_cpu = time.perf_counter(), time.process_time()
             records = load_records("hh", "train", files=[str(rows)])
-            eos = tokenizer.eos_token_id
-            reference = []
-            for prompt, record in records.items():
-                p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-                r = tokenizer(record["sft_target"], add_special_tokens=False)["input_ids"] + [eos]
-                reference.append(truncate(p, r, "keep_end", args.max_length, args.max_length // 2))
+            reference = [reference_sft_element(prompt, record["sft_target"], tokenizer, args.max_length, args.max_length // 2)
+                         for prompt, record in records.items()]
             times["reference"].append(time.perf_counter() - start)
             cpu["reference"].append(time.process_time() - start_cpu)
             cache = str(Path(work) / f"cache-{round_idx}")
@@ -483,6 +479,37 @@ def data_prep(args) -> None:
           + f"; load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(f"data preparation vs the reference's per-example path: cold {best['reference'] / best['cold']:.1f}x, "
           f"cached {best['reference'] / best['cached']:.0f}x")
+
+
+def reference_sft_element(prompt: str, target: str, tokenizer, max_length: int, max_prompt_length: int) -> tuple[list, list]:
+    """The reference's per-example SFT tokenization (HH, keep_end), step for step: its element function takes the SFT target
+    as both responses, so the target is tokenized twice and the prompt once, each in its own call; every part is checked
+    for EOS, EOS is appended to both responses, the prompt and then the responses are truncated against the longer
+    response, and prompt+response sequences with labels are built for both before the second one is dropped. Returns the
+    (prompt ids, response ids) the suite's tokenized split must equal."""
+    eos = tokenizer.eos_token_id
+    parts = {"chosen": tokenizer(target, add_special_tokens=False), "rejected": tokenizer(target, add_special_tokens=False),
+             "prompt": tokenizer(prompt, add_special_tokens=False)}
+    for name, part in parts.items():
+        assert eos not in part["input_ids"], f"{name} holds EOS"
+    for name in ("chosen", "rejected"):
+        parts[name]["input_ids"].append(eos)
+        parts[name]["attention_mask"].append(1)
+    longer = max(len(parts["chosen"]["input_ids"]), len(parts["rejected"]["input_ids"]))
+    if len(parts["prompt"]["input_ids"]) + longer > max_length:
+        parts["prompt"] = {k: v[-max_prompt_length:] for k, v in parts["prompt"].items()}
+    if len(parts["prompt"]["input_ids"]) + longer > max_length:
+        for name in ("chosen", "rejected"):
+            parts[name] = {k: v[:max_length - max_prompt_length] for k, v in parts[name].items()}
+    n_prompt = len(parts["prompt"]["input_ids"])
+    element = {"prompt": prompt, "chosen": prompt + target, "rejected": prompt + target}
+    for name in ("chosen", "rejected"):
+        sequence = {k: parts["prompt"][k] + parts[name][k] for k in parts[name]}
+        sequence["labels"] = [-100] * n_prompt + sequence["input_ids"][n_prompt:]
+        element.update({f"{name}_{k}": v for k, v in sequence.items()})
+    element.update({f"prompt_{k}": v for k, v in parts["prompt"].items()})
+    element = {k: v for k, v in element.items() if "rejected" not in k}
+    return element["prompt_input_ids"], element["chosen_input_ids"][n_prompt:]
 
 
 def hh_split(work: Path, n_rows: int) -> Path:
