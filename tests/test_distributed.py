@@ -292,18 +292,16 @@ def in_process(args: list[str]) -> None:
 
 def launch(tmp: Path, run_dir: Path, model_dir: Path, mode: str, *extra: str, env: dict | None = None, ok: bool = True):
     """mode: 1proc (sft_train.main in this process: the reference runs need no fresh interpreter, and the real command line
-    is run by the 2-process modes and tests/test_first_contact.py), plain (1 process through the test hooks of
-    forced_launch.py), ddp (cpu_2proc.yaml), fsdp or tp (forced on 2 CPU processes). `env`: more environment variables
-    (forced_launch.py's hooks). `ok=False`: the run must fail; its output is returned."""
+    is run by the 2-process modes and tests/test_first_contact.py), ddp (cpu_2proc.yaml), fsdp or tp (forced on 2 CPU
+    processes). `env`: more environment variables (forced_launch.py's hooks). `ok=False`: the run must fail; its output is
+    returned."""
     args = [*recipe(model_dir), f"run_dir={run_dir}", f"local_dirs=[{tmp / 'cache'}]", *extra]
     env = env or {}
     if mode == "1proc":
         assert ok and not env, "1proc runs in this process: no hooks, and it must succeed"
         in_process(args)
         return run_dir
-    elif mode == "plain":
-        result = run([str(FORCED), "plain", *args], tmp, ACCELERATE_USE_CPU=None, **env)
-    elif mode == "ddp":
+    if mode == "ddp":
         # No ACCELERATE_USE_CPU: the script itself must make the two processes one group (two solo rank-0 processes would
         # each log every step, which assert_same_training catches).
         result = run(["-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", "sft_train.py", *args],
@@ -398,12 +396,15 @@ def assert_resumed_exactly(dump: Path, checkpoint: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sharded_resume_state_from_2_processes_resumes_bit_exactly_on_1(fsdp_run, runs, tmp_path):
+def test_sharded_resume_state_from_2_processes_resumes_bit_exactly_on_1(fsdp_run, runs, tmp_path, monkeypatch):
+    import training.loop
+    from tests.forcing import dumping_resume
+
     checkpoint = fsdp_run / "step-8"
     assert ckpt.is_sharded(checkpoint) and (checkpoint / "resume" / ".metadata").is_file()
     assert sorted(p.name for p in (checkpoint / "resume").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    launch(runs["tmp"], tmp_path / "on-1", runs["model"], "plain", f"resume_from={checkpoint}", "save_full_optimizer=true",
-           env={"DUMP_RESUMED": str(tmp_path / "resumed.pt")})
+    monkeypatch.setattr(training.loop, "resume", dumping_resume(training.loop.resume, str(tmp_path / "resumed.pt")))
+    launch(runs["tmp"], tmp_path / "on-1", runs["model"], "1proc", f"resume_from={checkpoint}", "save_full_optimizer=true")
     assert_resumed_exactly(tmp_path / "resumed.pt", checkpoint)
     # and the next steps follow the 2-process run (1 and 2 processes agree to float rounding, see assert_same_training)
     assert metrics(tmp_path / "on-1")[0]["loss/train"] == pytest.approx(metrics(fsdp_run)[4]["loss/train"], rel=1e-5)
