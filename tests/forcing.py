@@ -31,6 +31,20 @@ def forced_accelerator(mode: str, config) -> Accelerator:
     return accelerator
 
 
+def dumping_resume(resume, dump_path: str):
+    """training.loop.resume that also writes the full model and optimizer state right after resuming to `dump_path`."""
+
+    def dump(config, path, model, optimizer, scheduler, accelerator, run_dir):
+        state = resume(config, path, model, optimizer, scheduler, accelerator, run_dir)
+        policy = distributed.full_model_state(accelerator, model)
+        optim = distributed.full_optimizer_state(accelerator, model, optimizer)
+        if accelerator.is_main_process:
+            torch.save({"policy": policy, "optimizer": optim}, dump_path)
+        return state
+
+    return dump
+
+
 def gradient_bytes(model: torch.nn.Module) -> dict:
     """What this process holds of the gradients of an FSDP2 model: bytes of sharded gradients (and their dtypes), bytes of
     unsharded ones (FSDP2 keeps these between backwards when gradient sync is off), and the full model's gradient numel."""

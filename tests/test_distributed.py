@@ -280,17 +280,28 @@ def run(command: list[str], tmp: Path, **env) -> subprocess.CompletedProcess:
     return result
 
 
+def in_process(args: list[str]) -> None:
+    """sft_train.main(args) here, on a fresh accelerate state (an earlier run or a fake accelerator may have left one)."""
+    import sft_train
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    sft_train.main(args)
+
+
 def launch(tmp: Path, run_dir: Path, model_dir: Path, mode: str, *extra: str, env: dict | None = None, ok: bool = True):
-    """mode: 1proc (python sft_train.py), plain (1 process through the test hooks of forced_launch.py), ddp (cpu_2proc.yaml),
-    fsdp or tp (forced on 2 CPU processes). `env`: more environment variables (forced_launch.py's hooks). `ok=False`: the
-    run must fail; its output is returned."""
+    """mode: 1proc (sft_train.main in this process: the reference runs need no fresh interpreter, and the real command line
+    is run by the 2-process modes and tests/test_first_contact.py), ddp (cpu_2proc.yaml), fsdp or tp (forced on 2 CPU
+    processes). `env`: more environment variables (forced_launch.py's hooks). `ok=False`: the run must fail; its output is
+    returned."""
     args = [*recipe(model_dir), f"run_dir={run_dir}", f"local_dirs=[{tmp / 'cache'}]", *extra]
     env = env or {}
     if mode == "1proc":
-        result = run(["sft_train.py", *args], tmp)
-    elif mode == "plain":
-        result = run([str(FORCED), "plain", *args], tmp, ACCELERATE_USE_CPU=None, **env)
-    elif mode == "ddp":
+        assert ok and not env, "1proc runs in this process: no hooks, and it must succeed"
+        in_process(args)
+        return run_dir
+    if mode == "ddp":
         # No ACCELERATE_USE_CPU: the script itself must make the two processes one group (two solo rank-0 processes would
         # each log every step, which assert_same_training catches).
         result = run(["-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", "sft_train.py", *args],
@@ -385,12 +396,15 @@ def assert_resumed_exactly(dump: Path, checkpoint: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sharded_resume_state_from_2_processes_resumes_bit_exactly_on_1(fsdp_run, runs, tmp_path):
+def test_sharded_resume_state_from_2_processes_resumes_bit_exactly_on_1(fsdp_run, runs, tmp_path, monkeypatch):
+    import training.loop
+    from tests.forcing import dumping_resume
+
     checkpoint = fsdp_run / "step-8"
     assert ckpt.is_sharded(checkpoint) and (checkpoint / "resume" / ".metadata").is_file()
     assert sorted(p.name for p in (checkpoint / "resume").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    launch(runs["tmp"], tmp_path / "on-1", runs["model"], "plain", f"resume_from={checkpoint}", "save_full_optimizer=true",
-           env={"DUMP_RESUMED": str(tmp_path / "resumed.pt")})
+    monkeypatch.setattr(training.loop, "resume", dumping_resume(training.loop.resume, str(tmp_path / "resumed.pt")))
+    launch(runs["tmp"], tmp_path / "on-1", runs["model"], "1proc", f"resume_from={checkpoint}", "save_full_optimizer=true")
     assert_resumed_exactly(tmp_path / "resumed.pt", checkpoint)
     # and the next steps follow the 2-process run (1 and 2 processes agree to float rounding, see assert_same_training)
     assert metrics(tmp_path / "on-1")[0]["loss/train"] == pytest.approx(metrics(fsdp_run)[4]["loss/train"], rel=1e-5)
@@ -437,15 +451,16 @@ def test_sharded_save_holds_one_full_copy_on_rank_0_and_no_process_waits_for_its
     """A 2.8M-parameter model (11 MB in fp32, AdamW state 22 MB more) under FSDP2 on 2 processes. During the step-4 save the
     main process's resident memory grows by about one full copy of the weights: the gathered policy.pt (before: the full
     model plus the full optimizer state, 3 copies). With a 6 s process-group time-out, data preparation on the main process
-    that takes 10 s longer and a LATEST/policy.pt write that takes 15 s, the run finishes: no process waits in a training
-    collective for the main process's work. With a barrier after each save (how saving used to end) the same run dies of
-    the time-out."""
+    that takes 10 s longer and a LATEST/policy.pt write that takes 10 s, the run finishes: no process waits in a training
+    collective for the main process's work. With a barrier after each save (how saving used to end) the same run, without
+    the slow data preparation, dies of the time-out: the barrier alone makes it fail. Each slow part outlasts the time-out
+    by at least 4 s."""
     model = make_tiny_llama(tmp_path / "model", hidden=256, layers=4)
     model_bytes = sum(t.numel() * t.element_size() for t in transformers.AutoModelForCausalLM.from_pretrained(model).state_dict().values())
     extra = ("n_examples=8", "eval_every=4", "sample_during_eval=false", "dist_timeout_minutes=0.1")
     env = {"MALLOC_MMAP_THRESHOLD_": "65536",  # large blocks go back to the system when freed, so RSS follows live memory
-           "SLOW_LATEST_WRITE": "15", "SLOW_DATA": "10"}
-    run_dir = launch(runs["tmp"], tmp_path / "run", model, "fsdp", *extra, env={**env, "MEASURE_SAVE_MEMORY": "1"})
+           "SLOW_LATEST_WRITE": "10"}
+    run_dir = launch(runs["tmp"], tmp_path / "run", model, "fsdp", *extra, env={**env, "MEASURE_SAVE_MEMORY": "1", "SLOW_DATA": "10"})
     peak = json.loads((run_dir / "save_memory.json").read_text())["step-4"]
     print(f"model {model_bytes / 2**20:.1f} MiB; peak extra resident memory of rank 0 during the step-4 save {peak / 2**20:.1f} MiB")
     assert peak < 1.5 * model_bytes

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 import importlib  # noqa: E402
 import training.loop  # noqa: E402
-from tests.forcing import forced_accelerator  # noqa: E402
+from tests.forcing import dumping_resume, forced_accelerator  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
 from training import distributed  # noqa: E402
 
@@ -59,18 +59,6 @@ def record_wrapping(save):
         return save(config, accelerator, model, *args, **kwargs)
 
     return recording_save
-
-
-def dumping_resume(resume):
-    def dump(config, path, model, optimizer, scheduler, accelerator, run_dir):
-        state = resume(config, path, model, optimizer, scheduler, accelerator, run_dir)
-        policy = distributed.full_model_state(accelerator, model)
-        optim = distributed.full_optimizer_state(accelerator, model, optimizer)
-        if accelerator.is_main_process:
-            torch.save({"policy": policy, "optimizer": optim}, os.environ["DUMP_RESUMED"])
-        return state
-
-    return dump
 
 
 def resident_bytes() -> int:
@@ -152,7 +140,7 @@ if os.environ.get("BARRIER_AFTER_SAVE"):
 if os.environ.get("MEASURE_SAVE_MEMORY"):
     training.loop.save = measuring_save(training.loop.save)
 if os.environ.get("DUMP_RESUMED"):
-    training.loop.resume = dumping_resume(training.loop.resume)
+    training.loop.resume = dumping_resume(training.loop.resume, os.environ["DUMP_RESUMED"])
 training.loop.save = record_wrapping(training.loop.save)  # the loop's checkpoint writer
 torch.set_num_threads(1)
 script.main(ARGS)
