@@ -95,7 +95,8 @@ def all_modes() -> dict[str, list[str] | None]:
 
 def base_overrides(args) -> list[str]:
     common = [f"batch_size={args.batch_size}", f"max_length={args.max_length}", f"max_prompt_length={args.max_length // 2}",
-              "lr=1e-5", "warmup_steps=0", "max_grad_norm=10", "n_epochs=100", "wandb.enabled=false", "exp_name=throughput"]
+              "lr=1e-5", "warmup_steps=0", "max_grad_norm=10", "n_epochs=100", "wandb.enabled=false", "exp_name=throughput",
+              "model.block_name=LlamaDecoderLayer"]  # both workloads are Llamas; compile=true compiles these blocks
     if args.workload == "real":
         return [f"model.name_or_path={args.real_model}", "model.policy_dtype=float32", *common]
     return [f"model.name_or_path={TINY_TOKENIZER}", *common]
@@ -172,6 +173,8 @@ def suite_run(mode: str, overrides: list[str], args) -> dict:
     import sft_train
     from data.batches import bucketed_batches, plan_train_batches
     from data.packing import tensor_tokens
+    from modeling.compile import compile_model
+    from training.compilation import compile_metrics
     from modeling.load import load_tokenizer
     from training.distributed import build_accelerator, prepare_model
     from training.loop import TrainState, build_optimizer
@@ -192,14 +195,17 @@ def suite_run(mode: str, overrides: list[str], args) -> dict:
         model = add_adapters(model, config.lora)
     accelerator = build_accelerator(config)
     prepare_model(config, accelerator, model)
+    compile_model(config, model)  # compile=true: as sft_train.main, before accelerator.prepare
     optimizer, scheduler = build_optimizer(config, model, args.steps + 1)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
-    counts = []
+    counts, graphs = [], []
 
     def step(indices, warmup=False):
         metrics = sft_train.train_step(config, accelerator, model, optimizer, scheduler, data, tokenizer.pad_token_id, state,
                                        Path(args.work_dir), indices)
+        if warmup and config.compile:
+            graphs.append(compile_metrics()["compile/graphs"])
         if not warmup:
             examples = [data[i] for i in indices]
             lengths = [len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples]
@@ -207,7 +213,10 @@ def suite_run(mode: str, overrides: list[str], args) -> dict:
                                                               config.model.attn_implementation)))
         return metrics["loss/train"]
 
-    return {**timed(step, batches, args), "counts": counts}
+    result = {**timed(step, batches, args), "counts": counts}
+    if config.compile:  # graphs after the warm-up and after the timed steps: equal when no timed step compiled
+        result["graphs"] = [*graphs, compile_metrics()["compile/graphs"]]
+    return result
 
 
 def naive_run(mode: str, overrides, args) -> dict:
@@ -367,8 +376,10 @@ def run_rounds(modes: dict[str, list[str] | None], args) -> dict[str, list[dict]
                 print(f"  {mode}: {result['error']}", flush=True)
                 continue
             results[mode].append(result)
+            graphs = f", graphs after warm-up / after timing: {result['graphs'][0]} / {result['graphs'][1]}" \
+                if "graphs" in result else ""
             print(f"  round {r + 1} {mode}: {sum(c['tokens'] for c in result['counts']) / result['wall_s']:.0f} tok/s "
-                  f"({result['wall_s']:.1f} s, {result['cpu_s']:.1f} cpu-s)", flush=True)
+                  f"({result['wall_s']:.1f} s, {result['cpu_s']:.1f} cpu-s{graphs})", flush=True)
     return {m: v for m, v in results.items() if v}
 
 

@@ -25,8 +25,22 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "sdpa_packed"
 
 
+class HostSpans:
+    """The batch's packed_spans in a box that torch.compile passes through without looking inside: as plain tuples, dynamo
+    would guard on every row's number of examples and recompile for each new packing."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows):
+        self.rows = rows
+
+
+@torch.compiler.disable
 def packed_sdpa_forward(module, query, key, value, attention_mask, packed_spans=None, **kwargs):
-    """transformers attention function: query/key/value (batch, heads, positions, dim) -> output (batch, positions, heads, dim)."""
+    """transformers attention function: query/key/value (batch, heads, positions, dim) -> output (batch, positions, heads, dim).
+    Under torch.compile (compile=true) it runs outside the graph: one graph break per block, the spans stay host values."""
+    if isinstance(packed_spans, HostSpans):
+        packed_spans = packed_spans.rows
     if packed_spans is None or not getattr(attention_mask, "packed_only", False) or key.shape[2] != query.shape[2] \
             or len(packed_spans) != query.shape[0]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
