@@ -11,8 +11,8 @@ training forward (no spans, a padding mask, a KV cache, decoding) goes to transf
 does a model that does not hand keyword arguments down to attention, whose mask from position_ids still separates examples.
 Importing this module registers the name; modeling/load.py imports it, so every model a run builds (training, export,
 generate) and any config can set model.attn_implementation=sdpa_packed. On GPU prefer flash_attention_2 (packed as one
-flattened row with cu_seq_lens, see data/packing.py). Under torch.compile the spans are Python constants: each new packing
-recompiles, so compile a flash-attention or padded run instead.
+flattened row with cu_seq_lens, see data/packing.py). Under torch.compile (compile=true) this function runs outside the graph
+and the spans reach it boxed (HostSpans): as Python values inside the graph, every new packing would recompile.
 """
 
 from __future__ import annotations
