@@ -35,7 +35,8 @@ def check_compile(config: Config, device: torch.device, mode: str) -> None:
         from torch.utils._triton import has_triton
 
         if not has_triton():
-            raise ConfigError("compile=true on GPU needs Triton for inductor's kernels (pip install triton), or use compile=false")
+            raise ConfigError("compile=true on GPU needs Triton for inductor's kernels (pip install triton), "
+                              "or use compile=false")
 
 
 def reset_counts() -> None:
