@@ -30,6 +30,7 @@ from data.pairs import build_pair_split, describe, pair_positions, pair_sides, p
 from data.packing import collate_batch, tensor_tokens, to_device
 from data.tokenize import TokenizeSettings
 from modeling.dpo import pair_logps, pair_metrics, preference_loss
+from modeling.compile import compile_model
 from modeling.export import finish_run
 from modeling.load import load_model, load_tokenizer
 from modeling.lora import add_adapters
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> Path | None:
             log.info("LoRA: %d of %d parameters trainable", *trainable_parameters(model))
         set_cpu_threads(model, accelerator.device)  # one thread for tiny CPU models unless OMP_NUM_THREADS is set
         prepare_model(config, accelerator, model)
+        if compile_model(config, model):  # compile=true: each block in place, before FSDP/DDP wrap it
+            log.info("compiling each %s block and the loss chunk (torch.compile, dynamic shapes)", config.model.block_name)
         optimizer, scheduler = build_optimizer(config, model, n_updates)
         model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand: once per optimizer step
         state = start_state(config, accelerator, model, optimizer, scheduler, resume_dir, run_dir)

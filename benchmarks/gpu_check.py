@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py                       # GPU machine: every case through `accelerate launch`, one table
     python benchmarks/gpu_check.py --out /tmp/check      # keep the runs' metrics.jsonl there (checkpoints are deleted)
     python benchmarks/gpu_check.py --dry-run             # CPU, tiny model, in-process, 4 steps: checks the check itself
+    python benchmarks/gpu_check.py --compile             # also bf16 padded and packed with compile=true (compile time on top)
 
 Needs torch with CUDA, transformers and accelerate, plus the rest of requirements.txt that the training script imports
 (datasets, tokenizers, safetensors, pyyaml, rich, numpy, matplotlib); flash-attn is optional (`--attn flash_attention_2`
@@ -22,7 +23,8 @@ Cases, all from the same random weights on the same batches (global batch 32, RM
   bf16 resumed  bf16 padded stopped after 5 updates (max_updates_this_run=5 saves LATEST), then resume_from=auto
 The table: tokens/s (non-pad, median of updates 3..), MFU, peak GPU memory of rank 0, the train loss of every update
 side by side, and the checks: bf16 within 2% of fp32 at update 1 and 5% after, packed within 2% of padded at update 1,
-the resumed run's first loss equal to the uninterrupted run's at that update (relative 1e-4). Exit status 1 if a check fails.
+the resumed run's first loss equal to the uninterrupted run's at that update (relative 1e-4); with --compile, each compiled
+case within 2% of its eager case at every update (bf16: the compiled kernels round differently). Exit status 1 if a check fails.
 In --dry-run the "bf16" cases compute in float32 (fsdp_policy_mp applies only under FSDP) and nothing is launched.
 """
 
@@ -106,16 +108,20 @@ def common_args(size: str, model_dir: Path, train: Path, test: Path, out: Path) 
     return [f"{k}={v}" for k, v in args.items()]
 
 
-def cases(size: str, attn: str) -> dict[str, list[list[str]]]:
+def cases(size: str, attn: str, compile_too: bool = False) -> dict[str, list[list[str]]]:
     """name -> the argument lists of its invocations (two for the stopped-and-resumed run)."""
     stop = SIZES[size][3]
     bf16 = ["model.fsdp_policy_mp=bfloat16", "model.attn_implementation=sdpa", "packing=false"]
-    return {
+    runs = {
         "bf16 padded": [bf16],
         "bf16 packed": [["model.fsdp_policy_mp=bfloat16", f"model.attn_implementation={attn}", "packing=true"]],
         "fp32 padded": [["model.fsdp_policy_mp=null", "model.attn_implementation=sdpa", "packing=false"]],
         "bf16 resumed": [[*bf16, f"max_updates_this_run={stop}"], [*bf16, "resume_from=auto"]],
     }
+    if compile_too:  # --compile: the padded and packed cases again under compile=true
+        runs["bf16 padded+compile"] = [[*bf16, "compile=true"]]
+        runs["bf16 packed+compile"] = [[*runs["bf16 packed"][0], "compile=true"]]
+    return runs
 
 
 def launch_command(n_gpus: int, args: list[str]) -> list[str]:
@@ -167,6 +173,9 @@ def checks(results: dict, stop: int) -> list[tuple[str, bool, str]]:
     bf16, fp32 = results["bf16 padded"]["losses"], results["fp32 padded"]["losses"]
     packed, resumed = results["bf16 packed"]["losses"], results["bf16 resumed"]["losses"]
     gaps = [relative(a, b) for a, b in zip(bf16, fp32)]
+    compiled = [(f"{name}+compile vs eager, worst update", max(map(relative, results[f"{name}+compile"]["losses"],
+                                                                     results[name]["losses"])))
+                for name in ("bf16 padded", "bf16 packed") if f"{name}+compile" in results]
     return [
         ("bf16 vs fp32 loss, update 1", gaps[0] <= 0.02, f"{gaps[0]:.2e}"),
         ("bf16 vs fp32 loss, worst update", max(gaps) <= 0.05, f"{max(gaps):.2e}"),
@@ -174,12 +183,13 @@ def checks(results: dict, stop: int) -> list[tuple[str, bool, str]]:
         ("same updates in every case", len({len(bf16), len(fp32), len(packed), len(resumed)}) == 1, f"{len(bf16)}"),
         (f"resumed loss at update {stop + 1} = uninterrupted", relative(resumed[stop], bf16[stop]) <= 1e-4,
          f"{relative(resumed[stop], bf16[stop]):.2e}"),
+        *[(label, gap <= 0.02, f"{gap:.2e}") for label, gap in compiled],
     ]
 
 
 def table(results: dict, verdicts: list[tuple[str, bool, str]], device: str, seconds: dict) -> str:
     names = list(results)
-    width = 14
+    width = max(14, max(len(n) for n in names) + 2)
     lines = [f"gpu_check on {device}", "", f"{'':<34}" + "".join(f"{n:>{width}}" for n in names)]
 
     def row(label: str, values: list[str]) -> None:
@@ -202,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU, in-process")
     parser.add_argument("--out", type=Path, default=None, help="where runs go (default: a temporary directory)")
     parser.add_argument("--attn", default="sdpa_packed", help="attention of the packed case (e.g. flash_attention_2)")
+    parser.add_argument("--compile", action="store_true", help="also the padded and packed cases with compile=true")
     args = parser.parse_args(argv)
     size = "dry-run" if args.dry_run else "gpu"
     if not args.dry_run:
@@ -219,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     train, test = write_data(out / "data", rows, max_length // 2)
     base = common_args(size, model_dir, train, test, out)
     results, seconds = {}, {}
-    for name, invocations in cases(size, args.attn).items():
+    for name, invocations in cases(size, args.attn, args.compile).items():
         run_dir = out / name.replace(" ", "_")
         shutil.rmtree(run_dir, ignore_errors=True)
         start = time.perf_counter()

@@ -25,7 +25,9 @@ Modes:
 Modes whose config keys exist on this checkout are added too: `+compile` (compile=true) and `+lora` (lora.enabled=true) of
 packed/bucketed; see SUITE_MODES.
 
-Each (mode, round) runs in a fresh process: it builds the model, takes a small warm-up step, then times `--steps` full steps
+Each (mode, round) runs in a fresh process: it builds the model, takes a small warm-up step (`+compile`: then the whole first
+batch, so the timed steps run compiled graphs; the round line shows the graph count after warm-up and after timing), then
+times `--steps` full steps
 (everything the loop does: fetching and collating examples, forward, backward, clipping, the optimizer step, the metrics).
 Rounds visit the modes in turn, so every mode sees the same machine load; each round repeats the same batches from the same
 weights, and the table shows the median round. Figures: non-pad tokens per wall second and per CPU second of the process
@@ -95,7 +97,8 @@ def all_modes() -> dict[str, list[str] | None]:
 
 def base_overrides(args) -> list[str]:
     common = [f"batch_size={args.batch_size}", f"max_length={args.max_length}", f"max_prompt_length={args.max_length // 2}",
-              "lr=1e-5", "warmup_steps=0", "max_grad_norm=10", "n_epochs=100", "wandb.enabled=false", "exp_name=throughput"]
+              "lr=1e-5", "warmup_steps=0", "max_grad_norm=10", "n_epochs=100", "wandb.enabled=false", "exp_name=throughput",
+              "model.block_name=LlamaDecoderLayer"]  # both workloads are Llamas; compile=true compiles these blocks
     if args.workload == "real":
         return [f"model.name_or_path={args.real_model}", "model.policy_dtype=float32", *common]
     return [f"model.name_or_path={TINY_TOKENIZER}", *common]
@@ -141,11 +144,14 @@ def worker(mode: str, overrides: list[str] | None, args, conn) -> None:
         conn.send({"error": f"{type(error).__name__}: {error}"})
 
 
-def timed(step, batches, args) -> dict:
-    """Warm up on a small slice of the first batch, then time every step in `batches[1:]` (optionally under the profiler)."""
+def timed(step, batches, args, compiled: bool = False) -> dict:
+    """Warm up on a small slice of the first batch (compiled: then on the whole first batch too, whose several packed rows
+    and padded widths make the graphs the timed steps use; a slice packs into one row, a shape torch specialises), then
+    time every step in `batches[1:]` (optionally under the profiler)."""
     import torch
 
-    step(batches[0][:2], warmup=True)
+    for warmup in [batches[0][:2], batches[0]] if compiled else [batches[0][:2]]:
+        step(warmup, warmup=True)
     profiler = None
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -172,6 +178,8 @@ def suite_run(mode: str, overrides: list[str], args) -> dict:
     import sft_train
     from data.batches import bucketed_batches, plan_train_batches
     from data.packing import tensor_tokens
+    from modeling.compile import compile_model
+    from training.compilation import compile_metrics
     from modeling.load import load_tokenizer
     from training.distributed import build_accelerator, prepare_model
     from training.loop import TrainState, build_optimizer
@@ -192,14 +200,17 @@ def suite_run(mode: str, overrides: list[str], args) -> dict:
         model = add_adapters(model, config.lora)
     accelerator = build_accelerator(config)
     prepare_model(config, accelerator, model)
+    compile_model(config, model)  # compile=true: as sft_train.main, before accelerator.prepare
     optimizer, scheduler = build_optimizer(config, model, args.steps + 1)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
-    counts = []
+    counts, graphs = [], []
 
     def step(indices, warmup=False):
         metrics = sft_train.train_step(config, accelerator, model, optimizer, scheduler, data, tokenizer.pad_token_id, state,
                                        Path(args.work_dir), indices)
+        if warmup and config.compile:
+            graphs.append(compile_metrics()["compile/graphs"])
         if not warmup:
             examples = [data[i] for i in indices]
             lengths = [len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples]
@@ -207,7 +218,10 @@ def suite_run(mode: str, overrides: list[str], args) -> dict:
                                                               config.model.attn_implementation)))
         return metrics["loss/train"]
 
-    return {**timed(step, batches, args), "counts": counts}
+    result = {**timed(step, batches, args, config.compile), "counts": counts}
+    if config.compile:  # graphs after the warm-up and after the timed steps: equal when no timed step compiled
+        result["graphs"] = [graphs[-1], compile_metrics()["compile/graphs"]]
+    return result
 
 
 def naive_run(mode: str, overrides, args) -> dict:
@@ -367,8 +381,10 @@ def run_rounds(modes: dict[str, list[str] | None], args) -> dict[str, list[dict]
                 print(f"  {mode}: {result['error']}", flush=True)
                 continue
             results[mode].append(result)
+            graphs = f", graphs after warm-up / after timing: {result['graphs'][0]} / {result['graphs'][1]}" \
+                if "graphs" in result else ""
             print(f"  round {r + 1} {mode}: {sum(c['tokens'] for c in result['counts']) / result['wall_s']:.0f} tok/s "
-                  f"({result['wall_s']:.1f} s, {result['cpu_s']:.1f} cpu-s)", flush=True)
+                  f"({result['wall_s']:.1f} s, {result['cpu_s']:.1f} cpu-s{graphs})", flush=True)
     return {m: v for m, v in results.items() if v}
 
 

@@ -26,12 +26,14 @@ full-logits path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-import modeling.packed_attention  # noqa: F401  registers model.attn_implementation=sdpa_packed
+from modeling.packed_attention import HostSpans  # importing it registers model.attn_implementation=sdpa_packed
+from modeling.compile import COMPILED_LOSS
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ def sequence_nll(
     # Padded: input_ids, attention_mask. Packed: input_ids, position_ids and what the attention kernel needs to keep examples
     # apart (data/packing.py); no attention_mask and no cache, so attention stops at example boundaries.
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_index")}
+    if "packed_spans" in inputs:
+        inputs["packed_spans"] = HostSpans(inputs["packed_spans"])  # opaque to torch.compile: no recompile per packing
     owner, n_examples = example_owner(batch)
     base = unwrap(model)
     if supervised_only and not transforms_logits(base):
@@ -108,7 +112,7 @@ def supervised_nll_sums(model, base, inputs, labels, owner, n_examples, chunk_to
         if hidden.shape[:2] != (rows, width):  # not the full sequence: let the model have real logits
             return head_forward(hidden)
         selected = hidden.reshape(rows * width, hidden.shape[-1]).index_select(0, flat_positions)
-        produced.append(chunked_token_nll(head_forward, selected, wanted, chunk_tokens))
+        produced.append(chunked_token_nll(head_forward, selected, wanted, chunk_tokens, getattr(base, COMPILED_LOSS, False)))
         return produced[-1]
 
     with replaced_forward(head, forward):
@@ -122,10 +126,13 @@ def supervised_nll_sums(model, base, inputs, labels, owner, n_examples, chunk_to
     return nll, torch.bincount(owner, minlength=n_examples)
 
 
-def chunked_token_nll(head_forward, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+def chunked_token_nll(head_forward, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+                      compiled: bool = False) -> torch.Tensor:
     """-log softmax(head(hidden))[target] per row, `chunk_tokens` rows at a time; in training each chunk's logits are
-    recomputed in backward instead of kept, so at most one chunk of fp32 logits exists at a time."""
+    recomputed in backward instead of kept, so at most one chunk of fp32 logits exists at a time. `compiled` (compile=true):
+    each chunk runs under torch.compile."""
     recompute = torch.is_grad_enabled()
+    token_nll = compiled_token_nll() if compiled else plain_token_nll
     parts = []
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
@@ -138,9 +145,15 @@ def chunked_token_nll(head_forward, hidden: torch.Tensor, targets: torch.Tensor,
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def token_nll(head_forward, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def plain_token_nll(head_forward, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head_forward(hidden).float()
     return torch.logsumexp(logits, dim=-1) - logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+
+
+@functools.cache
+def compiled_token_nll():
+    """plain_token_nll under torch.compile, the number of positions a symbol: one graph for every chunk size."""
+    return torch.compile(plain_token_nll, dynamic=True)
 
 
 @contextlib.contextmanager

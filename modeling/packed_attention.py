@@ -11,8 +11,8 @@ training forward (no spans, a padding mask, a KV cache, decoding) goes to transf
 does a model that does not hand keyword arguments down to attention, whose mask from position_ids still separates examples.
 Importing this module registers the name; modeling/load.py imports it, so every model a run builds (training, export,
 generate) and any config can set model.attn_implementation=sdpa_packed. On GPU prefer flash_attention_2 (packed as one
-flattened row with cu_seq_lens, see data/packing.py). Under torch.compile the spans are Python constants: each new packing
-recompiles, so compile a flash-attention or padded run instead.
+flattened row with cu_seq_lens, see data/packing.py). Under torch.compile (compile=true) this function runs outside the graph
+and the spans reach it boxed (HostSpans): as Python values inside the graph, every new packing would recompile.
 """
 
 from __future__ import annotations
@@ -25,8 +25,22 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "sdpa_packed"
 
 
+class HostSpans:
+    """The batch's packed_spans in a box that torch.compile passes through without looking inside: as plain tuples, dynamo
+    would guard on every row's number of examples and recompile for each new packing."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows):
+        self.rows = rows
+
+
+@torch.compiler.disable
 def packed_sdpa_forward(module, query, key, value, attention_mask, packed_spans=None, **kwargs):
-    """transformers attention function: query/key/value (batch, heads, positions, dim) -> output (batch, positions, heads, dim)."""
+    """transformers attention function: query/key/value (batch, heads, positions, dim) -> output (batch, positions, heads, dim).
+    Under torch.compile (compile=true) it runs outside the graph: one graph break per block, the spans stay host values."""
+    if isinstance(packed_spans, HostSpans):
+        packed_spans = packed_spans.rows
     if packed_spans is None or not getattr(attention_mask, "packed_only", False) or key.shape[2] != query.shape[2] \
             or len(packed_spans) != query.shape[0]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -53,3 +53,15 @@ def test_gpu_check_launches_the_real_script_with_the_fsdp_config():
     assert command[-2:] == [str(REPO / "sft_train.py"), "exp_name=x"]
     runs = gpu_check.cases("gpu", "sdpa_packed")
     assert runs["bf16 resumed"][1][-1] == "resume_from=auto" and "model.fsdp_policy_mp=null" in runs["fp32 padded"][0]
+
+
+def test_gpu_check_compile_cases_and_their_check():
+    gpu_check = load_gpu_check()
+    assert list(gpu_check.cases("gpu", "sdpa_packed")) == ["bf16 padded", "bf16 packed", "fp32 padded", "bf16 resumed"]
+    runs = gpu_check.cases("gpu", "sdpa_packed", compile_too=True)
+    assert runs["bf16 padded+compile"] == [[*runs["bf16 padded"][0], "compile=true"]]
+    assert runs["bf16 packed+compile"] == [[*runs["bf16 packed"][0], "compile=true"]]
+    losses = {"bf16 padded": [2.0, 1.0], "bf16 packed": [2.0, 1.0], "fp32 padded": [2.0, 1.0], "bf16 resumed": [2.0, 1.0],
+              "bf16 padded+compile": [2.0, 1.01], "bf16 packed+compile": [2.0, 1.03]}
+    verdicts = {label: ok for label, ok, _ in gpu_check.checks({n: {"losses": v} for n, v in losses.items()}, 1)}
+    assert verdicts["bf16 padded+compile vs eager, worst update"] and not verdicts["bf16 packed+compile vs eager, worst update"]

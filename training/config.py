@@ -213,6 +213,9 @@ class Config:
     keeps full float32. Logged at start; no effect on bf16 compute or on CPU."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (non-reentrant); with FSDP."""
+    compile: bool = False
+    """torch.compile each model.block_name block and the supervised-only loss chunk, with dynamic shapes (no recompile per
+    batch shape); graphs and graph breaks are logged once and as compile/* metrics. Needs model.block_name."""
     export: bool = True
     """At the end, also write a Hugging Face model directory to {run_dir}/hf."""
     packing: bool = False
@@ -596,6 +599,7 @@ CHECKS: dict[str, Range | Choice | Text | Free] = {
     "max_updates_this_run": POSITIVE,
     "debug": Free("true or false"),
     "activation_checkpointing": Free("true or false"),
+    "compile": Free("true or false (needs model.block_name, checked in validate; the toolchain in check_setup)"),
     "export": Free("true or false"),
     "packing": Free("true or false"),
     "batching": Choice(("reference", "length_bucketed")),
@@ -737,6 +741,8 @@ def validate(config: Config, num_processes: int = 1) -> None:
                           f"(eval_batch_size={config.eval_batch_size}): the eval would score nothing")
     check_schedule(config)
     check_lora(config.lora)
+    if config.compile and not m.block_name:
+        raise ConfigError("compile=true compiles each transformer block: set model.block_name (e.g. LlamaDecoderLayer)")
     if config.n_epochs is None and config.n_examples is None:
         raise ConfigError("set n_epochs or n_examples (training stops at whichever comes first)")
     step = config.gradient_accumulation_steps * num_processes

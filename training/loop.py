@@ -43,6 +43,7 @@ from training.config import Config, default_run_dir, save_config
 from training.distributed import (data_parallel, describe_setup, detached, full_model_state, full_optimizer_state,
                                   load_full_state, load_sharded, parallel_mode, save_sharded, sharded, synced_generate)
 from training.adapters import checkpoint_weights
+from training.compilation import check_compile, compile_metrics, compile_report, eager
 from training.logger import console
 from training.rundir import check_resume, claim_run_dir, on_main_process, run_signature
 from training.schedule import build_scheduler, schedule_of
@@ -182,6 +183,7 @@ def train(config: Config, accelerator, model, optimizer, scheduler, plans: Itera
     finished = config.n_examples is not None and state.examples_counted >= config.n_examples
     stop = StopRequested(config.max_updates_this_run, config.save_every_minutes)
     logger.start_progress(n_planned * config.batch_size, state.examples_seen)
+    reported = False
     for plan in [] if finished else plans:
         if should_eval(config, state, interval):
             run_eval(evaluate, state, logger)
@@ -189,6 +191,11 @@ def train(config: Config, accelerator, model, optimizer, scheduler, plans: Itera
                 save(config, accelerator, model, optimizer, scheduler, state, run_dir, f"step-{state.examples_seen}")
                 stop.saved()
         metrics = train_step(plan.indices)
+        if config.compile:
+            metrics.update(compile_metrics())  # flat after the first steps and evals
+            if not reported:
+                log.info(compile_report())  # once, when the first step's graphs exist
+                reported = True
         state.examples_seen += config.batch_size
         state.updates += 1
         state.epoch, state.offset, state.examples_counted = plan.epoch, plan.offset + config.batch_size, plan.examples_counted
@@ -420,10 +427,11 @@ def generate_samples(config, accelerator, model, tokenizer, eval_data, eval_batc
     batch = {k: v.to(accelerator.device) for k, v in collate_prompts(examples, tokenizer.pad_token_id).items()}
     width = batch["input_ids"].shape[1]
     limits = {"max_new_tokens": config.max_new_tokens} if config.max_new_tokens else {"max_length": max(config.max_length, width + 1)}
-    out = accelerator.unwrap_model(model).generate(
-        **batch, do_sample=not config.sample_greedy, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **limits,
-        synced_gpus=synced_generate(accelerator),  # FSDP/TP: every process runs each forward until all are done
-    )
+    with eager(config):  # compile=true: per-token shapes and the cache would only fill the compile cache
+        out = accelerator.unwrap_model(model).generate(
+            **batch, do_sample=not config.sample_greedy, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            **limits, synced_gpus=synced_generate(accelerator),  # FSDP/TP: every process runs each forward until all are done
+        )
     rows = [
         {"prompt": tokenizer.decode(e["prompt_ids"]), "sample": tokenizer.decode(o[width:], skip_special_tokens=True),
          "example_id": e["example_id"]}
@@ -453,6 +461,7 @@ def start_run(args: list[str], script: str, usage: str, build_accelerator):
     check_stage(config, script)
     check_model_source(config)  # model directory or hub cache, max_length within the model's positions: config.json only
     check_setup(config, accelerator)  # FSDP block name, TP plan, device_map: fail before loading anything
+    check_compile(config, accelerator.device, parallel_mode(accelerator))  # compile=true: inductor's toolchain is here
     for note in (raise_open_file_limit(accelerator), set_matmul_precision(config, accelerator.device)):
         if note:
             log.info(note)
