@@ -20,6 +20,21 @@ from training.checkpoint import load_archive
 from training.compilation import check_compile
 from training.config import ConfigError, load_config, validate
 
+
+def has_cpp_compiler() -> bool:
+    """inductor's CPU kernels need one (torch's own search: $CXX, else g++); without it compile=true is refused."""
+    from torch._inductor import exc
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return False
+    return True
+
+
+compiles = pytest.mark.skipif(not has_cpp_compiler(), reason="no C++ compiler for inductor's CPU kernels")
+
 BLOCK = {"model__block_name": "LlamaDecoderLayer"}
 
 
@@ -42,6 +57,7 @@ def reports(caplog) -> list[str]:
 
 
 @pytest.mark.slow
+@compiles
 def test_compiled_padded_run_matches_eager_stops_compiling_and_resumes(tmp_path, caplog, monkeypatch):
     """Padded batches (width = the longest example of each micro-batch, so nearly every micro-batch has a new shape), GA 2,
     evals with samples; the compiled run stops after 4 updates and resumes (compiling again in the resumed process)."""
@@ -93,6 +109,7 @@ def test_compiled_padded_run_matches_eager_stops_compiling_and_resumes(tmp_path,
 
 
 @pytest.mark.slow
+@compiles
 def test_compiled_packed_run_matches_eager_without_a_recompile_per_packing(tmp_path, caplog, monkeypatch):
     """packing=true with sdpa_packed: each micro-batch packs its 8 examples into other rows and spans; the attention call
     runs outside the graph (one break per block frame, reported), and the graph count is flat after the first step."""
@@ -122,6 +139,7 @@ def test_compiled_packed_run_matches_eager_without_a_recompile_per_packing(tmp_p
 
 
 @pytest.mark.slow
+@compiles
 def test_compiled_dpo_run_matches_eager(tmp_path):
     """The policy's blocks compiled, the reference eager: losses, rewards (so the reference log-probs too) and grad norms
     equal eager's."""
@@ -167,6 +185,7 @@ def test_compile_without_a_cpp_compiler_fails_before_any_work(tmp_path, monkeypa
 
 
 @pytest.mark.slow
+@compiles
 def test_compiled_fsdp2_two_processes_match_one_eager_process(tmp_path):
     """Blocks compiled before accelerator.prepare shards them (FSDP2 forced on 2 CPU processes): the losses, grad norms,
     evals, samples and the full policy.pt and optimizer.pt equal one eager process's."""
