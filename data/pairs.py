@@ -27,7 +27,7 @@ from data.files import DataError, resolve_paths
 from data.chat import is_chat_data
 from data.records import TRUNCATION_MODE, load_records
 from data.sft import reweight
-from data.tokenize import MAP_BATCH_SIZE, TokenizeSettings, _save, cache_key
+from data.tokenize import MAP_BATCH_SIZE, TokenizeSettings, _save, cache_key, truncate
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +60,11 @@ def pair_rows(names: list[str], split: str, data_files: dict[str, dict[str, list
 
 def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], mode: str, max_length: int,
                   max_prompt_length: int) -> tuple[list[int], list[int], list[int]]:
-    """The reference's truncation of a pair: the longer response decides; responses already end with EOS."""
-    longer = max(len(chosen), len(rejected))
-    if len(prompt) + longer > max_length:
-        if mode == "keep_end":
-            prompt = prompt[-max_prompt_length:] if max_prompt_length else []
-        elif mode == "keep_start":
-            prompt = prompt[:max_prompt_length]
-        else:
-            raise ValueError(f"unknown truncation mode {mode!r}")
-    if len(prompt) + longer > max_length:
+    """The reference's truncation of a pair: data/tokenize.py's two steps, decided by the longer response and applied to
+    both; responses already end with EOS."""
+    longer = chosen if len(chosen) >= len(rejected) else rejected
+    prompt, kept = truncate(prompt, longer, mode, max_length, max_prompt_length)
+    if len(kept) < len(longer):  # still too long after the prompt was cut: both responses are cut alike
         chosen, rejected = chosen[: max_length - max_prompt_length], rejected[: max_length - max_prompt_length]
     return prompt, chosen, rejected
 
