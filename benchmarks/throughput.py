@@ -23,13 +23,14 @@ Modes:
   packed         packing=true (+ supervised-only logits, sdpa_packed attention)
   packed+bucketed  both
 Modes whose config keys exist on this checkout are added too: `+compile` (compile=true) and `+lora` (lora.enabled=true) of
-packed/bucketed; see SUITE_MODES.
+packed/bucketed, and `packed+lora+compile`; see SUITE_MODES.
 
 Each (mode, round) runs in a fresh process: it builds the model, takes a small warm-up step (`+compile`: then the whole first
 batch, so the timed steps run compiled graphs; the round line shows the graph count after warm-up and after timing), then
 times `--steps` full steps
 (everything the loop does: fetching and collating examples, forward, backward, clipping, the optimizer step, the metrics).
-Rounds visit the modes in turn, so every mode sees the same machine load; each round repeats the same batches from the same
+Rounds visit the modes in turn, each round starting one mode later (no mode always runs first or after the same one), so
+every mode sees the same machine load; each round repeats the same batches from the same
 weights, and the table shows the median round. Figures: non-pad tokens per wall second and per CPU second of the process
 (the second is steadier on a shared machine), supervised tokens/s, peak RSS, per-step real/supervised/tensor tokens so the
 work is visibly equal, and ratios to `naive`. `loss diff` compares the first step's loss with `padded` (same batch, same
@@ -85,6 +86,8 @@ def optional_modes() -> dict[str, list[str]]:
             continue
         for base in ("packed", "bucketed"):
             modes[f"{base}+{name}"] = SUITE_MODES[base] + overrides
+    if "packed+lora" in modes and "packed+compile" in modes:
+        modes["packed+lora+compile"] = modes["packed+lora"] + OPTIONAL["compile"]
     return modes
 
 
@@ -368,8 +371,10 @@ def run_rounds(modes: dict[str, list[str] | None], args) -> dict[str, list[dict]
     ctx = mp.get_context("spawn")
     results: dict[str, list[dict]] = {m: [] for m in modes}
     rounds = 1 if args.profile else args.rounds
+    names = list(modes)
     for r in range(rounds):
-        for mode, overrides in modes.items():
+        for mode in names[r % len(names):] + names[: r % len(names)]:  # each round starts one mode later: no fixed neighbours
+            overrides = modes[mode]
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=worker, args=(mode, overrides, args, child), daemon=True)
             proc.start()

@@ -16,11 +16,14 @@ because data-parallel backends average gradients over the W processes: the avera
 exactly dL. Splitting a batch over micro-batches or processes only changes how the same sum is grouped.
 
 Only positions whose next token is supervised contribute to S_i, so by default (`supervised_only`) the LM head and the
-log-softmax run on those positions alone, a chunk of positions at a time, recomputed in backward: full-vocabulary fp32 logits
-are never held for the whole batch. The head is reached by temporarily replacing the forward of
+log-softmax run on those positions alone, a chunk of positions at a time, all but the last recomputed in backward:
+full-vocabulary fp32 logits are never held for the whole batch. The head is reached by temporarily replacing the forward of
 `get_output_embeddings()`, so the model's own forward still runs (hooks of FSDP/DDP wrappers on the root fire as usual) and
 the head receives the final hidden states. Models that change logits after the head (soft-capping, logit scales) get the
-full-logits path.
+full-logits path (`full_logits`): logits at every position, but the head's backward only at the supervised ones.
+
+Padded batches reach the model without their attention mask (see `sequence_nll`): right padding is invisible to the real
+positions of a causal LM, and the unmasked causal attention kernel is the faster one.
 """
 
 from __future__ import annotations
@@ -53,9 +56,12 @@ def sequence_nll(
     labels, example_index and the kernel's keys: data/packing.py); results are per example in the order of the collated
     examples.
     """
-    # Padded: input_ids, attention_mask. Packed: input_ids, position_ids and what the attention kernel needs to keep examples
-    # apart (data/packing.py); no attention_mask and no cache, so attention stops at example boundaries.
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_index")}
+    # Padded: input_ids alone. The rows are right-padded (data/batches.py collate), and in a causal LM a real position never
+    # attends to the padding after it, so without the mask every real position's output is unchanged while attention runs its
+    # causal kernel instead of a masked one (about half the work on CPU; flash-attention-2 skips its unpad/repad); padding
+    # positions are never read. Packed: input_ids, position_ids and what the attention kernel needs to keep examples apart
+    # (data/packing.py); no cache, so attention stops at example boundaries.
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_index", "attention_mask")}
     if "packed_spans" in inputs:
         inputs["packed_spans"] = HostSpans(inputs["packed_spans"])  # opaque to torch.compile: no recompile per packing
     owner, n_examples = example_owner(batch)
@@ -64,10 +70,34 @@ def sequence_nll(
         result = supervised_nll_sums(model, base, inputs, batch["labels"], owner, n_examples, chunk_tokens)
         if result is not None:
             return result
-    logits = model(**inputs, use_cache=False).logits
+    logits = full_logits(model, base, inputs, batch["labels"])
     if "example_index" in batch:
         return token_nll_sums(logits, batch["labels"], owner, n_examples)
     return token_nll_sums(logits, batch["labels"])
+
+
+def full_logits(model: torch.nn.Module, base: torch.nn.Module, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """The model's logits at every position (its own forward transforms them), with the head differentiated only at the
+    supervised positions. The loss reads no other position, so the head's gradient there is zero; computing those rows
+    without autograd skips both backward matmuls over them (most of a padded batch), and the values are the same."""
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is None or not torch.is_grad_enabled():
+        return model(**inputs, use_cache=False).logits
+    rows, width = labels.shape
+    flat_positions = supervised_positions(labels)[0]
+    head_forward = head.forward
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[:2] != (rows, width) or type(hidden) is not torch.Tensor:
+            return head_forward(hidden)  # a slice of positions, or a tensor subclass (tensor parallelism): as it was
+        with torch.no_grad():
+            logits = head_forward(hidden)
+        supervised = head_forward(hidden.reshape(rows * width, hidden.shape[-1]).index_select(0, flat_positions))
+        logits.view(rows * width, logits.shape[-1]).index_copy_(0, flat_positions, supervised)  # in place: no second copy
+        return logits
+
+    with replaced_forward(head, forward):
+        return model(**inputs, use_cache=False).logits
 
 
 def token_nll_sums(
@@ -129,14 +159,16 @@ def supervised_nll_sums(model, base, inputs, labels, owner, n_examples, chunk_to
 def chunked_token_nll(head_forward, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
                       compiled: bool = False) -> torch.Tensor:
     """-log softmax(head(hidden))[target] per row, `chunk_tokens` rows at a time; in training each chunk's logits are
-    recomputed in backward instead of kept, so at most one chunk of fp32 logits exists at a time. `compiled` (compile=true):
+    recomputed in backward instead of kept (but the last), so at most one chunk of fp32 logits exists at a time. `compiled` (compile=true):
     each chunk runs under torch.compile."""
     recompute = torch.is_grad_enabled()
     token_nll = compiled_token_nll() if compiled else plain_token_nll
     parts = []
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-        if recompute:
+        # The last chunk is kept: its logits are made at the very end of the forward and are the first thing backward needs,
+        # so keeping them adds nothing to the peak while recomputing them costs a third head matmul.
+        if recompute and start + chunk_tokens < hidden.shape[0]:
             parts.append(checkpoint(token_nll, head_forward, h, t, use_reentrant=False))
         else:
             parts.append(token_nll(head_forward, h, t))

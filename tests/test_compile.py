@@ -2,7 +2,7 @@
 changing shape, graph breaks counted and reported once, plain policy.pt keys, and refusals before any work.
 
 Each compiled run costs compile time on CPU, so there are few of them: SFT padded (GA 2, evals, samples, a stop and a
-resume), SFT packed (sdpa_packed), DPO, and one 2-process FSDP2 run (tests/test_distributed.py's recipe).
+resume), SFT packed (sdpa_packed), SFT LoRA packed, DPO, and one 2-process FSDP2 run (tests/test_distributed.py's recipe).
 """
 
 from __future__ import annotations
@@ -136,6 +136,26 @@ def test_compiled_packed_run_matches_eager_without_a_recompile_per_packing(tmp_p
     assert len(set(layouts)) >= 3, layouts  # examples per row differ from batch to batch
     (line,) = reports(caplog)
     assert f"{breaks[0]} graph breaks" in line and "torch.compiler.disable" in line and breaks[0] > 0, line
+
+
+@pytest.mark.slow
+@compiles
+def test_compiled_lora_run_matches_eager_lora(tmp_path):
+    """lora.enabled=true with compile=true: the blocks are compiled with their adapters inside (the base frozen), packed.
+    Losses and grad norms equal eager LoRA's, the graph count stops growing, and policy.pt is the same merged model."""
+    model = tiny_model_dir(tmp_path / "model")
+    train, test = tiny_data(tmp_path, n_train=24, n_test=8)
+    common = dict(batch_size=8, n_epochs=1, eval_every=24, packing=True, lora__enabled=True, lora__r=4, lora__alpha=8, **BLOCK)
+    sft_train.main(tiny_run_args(tmp_path, model, train, test, run_dir=tmp_path / "eager", **common))
+    sft_train.main(tiny_run_args(tmp_path, model, train, test, run_dir=tmp_path / "compiled", compile=True, **common))
+    eager, compiled = records(tmp_path / "eager"), records(tmp_path / "compiled")
+    assert_same_losses(eager, compiled, ("loss/train", "grad_norm", "loss/eval"))
+    graphs = [r["compile/graphs"] for r in compiled if "compile/graphs" in r]
+    assert len(graphs) == 3 and graphs[0] > 0 and graphs[1:] == [graphs[1]] * 2, graphs
+    a, b = (load_archive(tmp_path / run / "LATEST" / "policy.pt")["state"] for run in ("eager", "compiled"))
+    assert set(a) == set(b) and not any("lora" in k for k in b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 @pytest.mark.slow

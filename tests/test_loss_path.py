@@ -133,3 +133,112 @@ def test_full_logits_path_is_the_reference_formula_with_softmax_only_at_supervis
     torch.testing.assert_close(nll, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-7)
     assert mode.sizes and max(mode.sizes) <= sum(counts.tolist()) * vocab, mode.sizes
+
+
+class HeadMatmuls:
+    """Context recording the shapes of every matmul with the vocabulary as a dimension (the LM head's, forward and backward)."""
+
+    def __init__(self, vocab: int):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        shapes = self.shapes = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "matmul"):
+                    dims = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2]
+                    if any(vocab in d for d in dims):
+                        shapes.append(dims)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.shapes.clear()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def softcapped_model():
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2, head_dim=16, final_logit_softcapping=3.0)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "softcapped"])
+def test_full_logits_path_differentiates_the_head_only_at_supervised_positions(tmp_path, arch):
+    """loss.supervised_logits_only=false (and every model that transforms its logits): values and gradients are those of the
+    plain masked forward through the reference formula, but the head's backward matmuls cover the supervised rows only."""
+    model = tiny_llama(tmp_path) if arch == "llama" else softcapped_model()
+    batch = collate(batch_examples(), 0)
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    expected, _ = reference_nll_sums(logits, batch["labels"])
+    expected.sum().backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    vocab = model.config.vocab_size
+    model.zero_grad(set_to_none=True)
+    nll, counts = sequence_nll(model, batch, supervised_only=False)
+    with HeadMatmuls(vocab) as backward:
+        nll.sum().backward()
+    torch.testing.assert_close(nll, expected, rtol=1e-6, atol=1e-5)
+    for name, p in model.named_parameters():  # rounding only (differently grouped sums): 1e-6 on gradients up to ~5
+        torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+    rows, width = batch["labels"].shape
+    supervised = int(counts.sum())
+    assert backward.shapes, "the head's backward ran no matmul"
+    for dims in backward.shapes:
+        assert rows * width not in (d[0] for d in dims), dims  # no matmul over every position
+        assert supervised in (d[0] for d in dims) or supervised in (d[-1] for d in dims), dims
+    assert "forward" not in model.get_output_embeddings().__dict__
+
+
+def test_padded_batches_reach_the_model_without_their_mask_and_give_the_masked_results(tmp_path, monkeypatch):
+    """Right padding is invisible to a causal LM's real positions, so the mask is dropped (the causal kernel is the faster
+    one) and the per-example losses and gradients are those of the masked forward."""
+    model = tiny_llama(tmp_path)
+    batch = collate(batch_examples(), 0)
+    assert (batch["attention_mask"] == 0).any()  # really padded
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    expected, expected_counts = reference_nll_sums(logits, batch["labels"])
+    expected.sum().backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    seen = []
+    forward = type(model).forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("attention_mask"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    for supervised_only in (True, False):
+        model.zero_grad(set_to_none=True)
+        nll, counts = sequence_nll(model, batch, supervised_only=supervised_only)
+        nll.sum().backward()
+        assert counts.tolist() == expected_counts.tolist()
+        torch.testing.assert_close(nll, expected, rtol=1e-6, atol=1e-5)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert seen == [None, None]
+
+
+def test_the_last_logits_chunk_is_not_recomputed(tmp_path):
+    """Supervised-only head in chunks of 3 positions: every chunk's head forward runs once, and again in backward for all
+    but the last (whose logits backward needs first, with nothing allocated after them)."""
+    model = tiny_llama(tmp_path)
+    batch = collate(batch_examples(), 0)
+    vocab = model.config.vocab_size
+    with HeadMatmuls(vocab) as ops:
+        nll, counts = sequence_nll(model, batch, supervised_only=True, chunk_tokens=3)
+        nll.sum().backward()
+    hidden = model.config.hidden_size
+    forwards = [dims for dims in ops.shapes if dims[-1] == (hidden, vocab) or dims[-1] == (vocab, hidden) and len(dims) == 2
+                and dims[0][-1] == hidden]
+    n_chunks = -(-int(counts.sum()) // 3)
+    assert n_chunks > 2
+    assert len(forwards) == 2 * n_chunks - 1, ops.shapes
