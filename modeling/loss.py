@@ -93,11 +93,28 @@ def full_logits(model: torch.nn.Module, base: torch.nn.Module, inputs: dict, lab
         with torch.no_grad():
             logits = head_forward(hidden)
         supervised = head_forward(hidden.reshape(rows * width, hidden.shape[-1]).index_select(0, flat_positions))
-        logits.view(rows * width, logits.shape[-1]).index_copy_(0, flat_positions, supervised)  # in place: no second copy
-        return logits
+        return SupervisedRows.apply(logits, supervised, flat_positions)
 
     with replaced_forward(head, forward):
         return model(**inputs, use_cache=False).logits
+
+
+class SupervisedRows(torch.autograd.Function):
+    """`full` (made without autograd) with `rows` written in place at the flat `positions`; the gradient reaches `rows` only,
+    read straight from the output's gradient at those positions. (An in-place index_copy_ under autograd would clone the
+    whole gradient in backward: one more full-vocabulary tensor for every position.)"""
+
+    @staticmethod
+    def forward(ctx, full: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(positions)
+        ctx.mark_dirty(full)
+        full.view(-1, full.shape[-1]).index_copy_(0, positions, rows)
+        return full
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (positions,) = ctx.saved_tensors
+        return None, grad.reshape(-1, grad.shape[-1]).index_select(0, positions), None
 
 
 def token_nll_sums(

@@ -9,7 +9,7 @@ import transformers
 
 from data.batches import collate
 from data.packing import collate_packed
-from modeling.loss import sequence_nll, transforms_logits
+from modeling.loss import sequence_nll, token_nll_sums, transforms_logits
 from tests.tiny import tiny_model_dir
 
 
@@ -109,8 +109,6 @@ def test_full_logits_path_is_the_reference_formula_with_softmax_only_at_supervis
     every position's logits (those of the prompt and padding positions are never normalised)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from modeling.loss import token_nll_sums
-
     batch = collate(batch_examples(), 0)
     rows, width = batch["labels"].shape
     vocab = 320  # above every id batch_examples draws
@@ -136,25 +134,32 @@ def test_full_logits_path_is_the_reference_formula_with_softmax_only_at_supervis
 
 
 class HeadMatmuls:
-    """Context recording the shapes of every matmul with the vocabulary as a dimension (the LM head's, forward and backward)."""
+    """Context recording the shapes of every matmul with the vocabulary as a dimension (the LM head's, forward and backward)
+    and the names of the out-of-place ops whose output has `full` elements (every position's logits)."""
 
-    def __init__(self, vocab: int):
+    def __init__(self, vocab: int, full: int = -1):
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        shapes = self.shapes = []
+        shapes, full_outputs = self.shapes, self.full_outputs = [], []
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "matmul"):
+                name = func.__name__.split(".")[0]
+                if name in ("mm", "addmm", "bmm", "matmul"):
                     dims = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2]
                     if any(vocab in d for d in dims):
                         shapes.append(dims)
-                return func(*args, **(kwargs or {}))
+                out = func(*args, **(kwargs or {}))
+                inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+                if isinstance(out, torch.Tensor) and out.numel() == full and out.untyped_storage().data_ptr() not in inputs:
+                    full_outputs.append(name)  # a new full-size tensor (not a view, not in place)
+                return out
 
         self.mode = Mode()
 
     def __enter__(self):
         self.shapes.clear()
+        self.full_outputs.clear()
         self.mode.__enter__()
         return self
 
@@ -183,13 +188,18 @@ def test_full_logits_path_differentiates_the_head_only_at_supervised_positions(t
     vocab = model.config.vocab_size
     model.zero_grad(set_to_none=True)
     nll, counts = sequence_nll(model, batch, supervised_only=False)
-    with HeadMatmuls(vocab) as backward:
+    rows, width = batch["labels"].shape
+    with HeadMatmuls(vocab, full=rows * width * vocab) as backward:
         nll.sum().backward()
     torch.testing.assert_close(nll, expected, rtol=1e-6, atol=1e-5)
     for name, p in model.named_parameters():  # rounding only (differently grouped sums): 1e-6 on gradients up to ~5
         torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-5, atol=1e-5, msg=name)
-    rows, width = batch["labels"].shape
     supervised = int(counts.sum())
+    # No more full-vocabulary tensors in backward than the plain path (model logits -> token_nll_sums) makes.
+    logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+    with HeadMatmuls(vocab, full=rows * width * vocab) as plain:
+        token_nll_sums(logits, batch["labels"])[0].sum().backward()
+    assert len(backward.full_outputs) <= len(plain.full_outputs), (backward.full_outputs, plain.full_outputs)
     assert backward.shapes, "the head's backward ran no matmul"
     for dims in backward.shapes:
         assert rows * width not in (d[0] for d in dims), dims  # no matmul over every position
