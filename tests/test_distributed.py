@@ -553,8 +553,7 @@ def test_fsdp2_bf16_keeps_positions_exact_up_to_max_length(tmp_path):
     dirs = [tiny_model_dir(tmp_path / "llama", hidden=128), tiny_model_dir(tmp_path / "neox", arch="gpt_neox", hidden=128)]
     out = tmp_path / "positions.json"
     fsdp_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
-    result = run([*LAUNCH_2, str(REPO / "tests" / "dist_scripts" / "bf16_positions.py"), str(out), *map(str, dirs)], tmp_path,
-                 **fsdp_env)
+    result = run_forked([REPO / "tests" / "dist_scripts" / "bf16_positions.py", out, *dirs], tmp_path, **fsdp_env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     results = json.loads(out.read_text())
     assert set(results) == {"llama", "gpt_neox"}
