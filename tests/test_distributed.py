@@ -1,11 +1,13 @@
 """Scaling out: DDP, FSDP2 and tensor parallelism reproduce the one-process run; bad combinations fail early.
 
     python -m pytest tests/test_distributed.py -m "not slow"     # unit checks, a few seconds
-    python -m pytest tests/test_distributed.py                   # plus 2-process CPU runs (about 3 minutes on 2 cores)
+    python -m pytest tests/test_distributed.py                   # plus 2-process CPU runs (about 2 minutes on 2 cores)
 
-The multi-process tests run the real script on 2 gloo processes. DDP goes through accelerate_configs/cpu_2proc.yaml; FSDP2
-and TP, which accelerate refuses on CPU, go through tests/dist_scripts/forced_launch.py, which only switches the
-Accelerator's state (shared/design/cpu-parallel.md). All runs train the same tiny Llama on the same global batches.
+The multi-process tests run the real script on 2 gloo processes. DDP goes through `accelerate launch` with
+accelerate_configs/cpu_2proc.yaml; FSDP2 and TP, which accelerate refuses on CPU, go through
+tests/dist_scripts/forced_launch.py, which only switches the Accelerator's state (shared/design/cpu-parallel.md), in 2
+processes forked from the test process (run_forked; the launcher itself where a run needs a fresh interpreter). All runs
+train the same tiny Llama on the same global batches.
 """
 
 from __future__ import annotations
@@ -360,8 +362,8 @@ def in_process(args: list[str]) -> None:
 
 def launch(tmp: Path, run_dir: Path, model_dir: Path, mode: str, *extra: str, env: dict | None = None, ok: bool = True):
     """mode: 1proc (sft_train.main in this process: the reference runs need no fresh interpreter, and the real command line
-    is run by the 2-process modes and tests/test_first_contact.py), ddp (cpu_2proc.yaml), fsdp or tp (forced on 2 CPU
-    processes). `env`: more environment variables (forced_launch.py's hooks). `ok=False`: the run must fail; its output is
+    is run by ddp and tests/test_first_contact.py), ddp (cpu_2proc.yaml), fsdp or tp (forced on 2 CPU processes, forked:
+    see run_forked). `env`: more environment variables (forced_launch.py's hooks). `ok=False`: the run must fail; its output is
     returned."""
     args = [*recipe(model_dir), f"run_dir={run_dir}", f"local_dirs=[{tmp / 'cache'}]", *extra]
     env = env or {}
