@@ -333,17 +333,20 @@ def run_forked(command: list[str], tmp: Path, timeout: float = 300, **env) -> su
                 os._exit(code)
         pids.append(pid)
     deadline, codes = time.monotonic() + timeout, {}
-    while len(codes) < len(pids):
-        for pid in set(pids) - set(codes):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                codes[pid] = os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline or any(codes.values()):  # as the launcher, stop the other when one fails
+    try:
+        while len(codes) < len(pids):
             for pid in set(pids) - set(codes):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                codes[pid] = -signal.SIGKILL
-        time.sleep(0.05)
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    codes[pid] = os.waitstatus_to_exitcode(status)
+            if time.monotonic() > deadline or any(codes.values()):  # as the launcher, stop the other when one fails
+                break
+            time.sleep(0.05)
+    finally:  # also when this process is interrupted: no child outlives the test
+        for pid in set(pids) - set(codes):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            codes[pid] = -signal.SIGKILL
     output = "".join(Path(f"{log}.{rank}").read_text(errors="replace") for rank in range(2))
     log.write_text(output)
     returncode = next((c for c in (codes[p] for p in pids) if c != 0), 0)
