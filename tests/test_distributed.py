@@ -1,21 +1,28 @@
 """Scaling out: DDP, FSDP2 and tensor parallelism reproduce the one-process run; bad combinations fail early.
 
     python -m pytest tests/test_distributed.py -m "not slow"     # unit checks, a few seconds
-    python -m pytest tests/test_distributed.py                   # plus 2-process CPU runs (about 3 minutes on 2 cores)
+    python -m pytest tests/test_distributed.py                   # plus 2-process CPU runs (about 2 minutes on 2 cores)
 
-The multi-process tests run the real script on 2 gloo processes. DDP goes through accelerate_configs/cpu_2proc.yaml; FSDP2
-and TP, which accelerate refuses on CPU, go through tests/dist_scripts/forced_launch.py, which only switches the
-Accelerator's state (shared/design/cpu-parallel.md). All runs train the same tiny Llama on the same global batches.
+The multi-process tests run the real script on 2 gloo processes. DDP goes through `accelerate launch` with
+accelerate_configs/cpu_2proc.yaml; FSDP2 and TP, which accelerate refuses on CPU, go through
+tests/dist_scripts/forced_launch.py, which only switches the Accelerator's state (shared/design/cpu-parallel.md), in 2
+processes forked from the test process (run_forked; the launcher itself where a run needs a fresh interpreter). All runs
+train the same tiny Llama on the same global batches.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
+import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -280,6 +287,72 @@ def run(command: list[str], tmp: Path, **env) -> subprocess.CompletedProcess:
     return result
 
 
+def run_forked(command: list[str], tmp: Path, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 script ARGS` (command: [script, *ARGS]) on CPU, without the launcher
+    and without fresh interpreters: two children forked from this process, which has torch, transformers and the scripts
+    imported already (about 10 s per run on 2 cores). Each child gets the environment the launcher gives its workers
+    (RANK, WORLD_SIZE, MASTER_ADDR, ... and accelerate's settings), its own accelerate state, and runs the script as
+    __main__; whatever a run patches ends with its child. Not for runs that need a fresh interpreter: environment read at
+    start-up (MALLOC_*), or inductor, whose compile workers belong to this process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp / f"log-{len(list(tmp.glob('log-*')))}.txt"
+    base = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "ACCELERATE_MIXED_PRECISION": "no",
+            "ACCELERATE_DYNAMO_BACKEND": "NO", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2", **env}
+    pids = []
+    for rank in range(2):
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 1
+            try:
+                from accelerate.state import AcceleratorState, GradientState
+
+                os.environ.update({**base, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+                out = os.open(f"{log}.{rank}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(out, 1)
+                os.dup2(out, 2)
+                sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
+                logging.root.handlers = []  # logging as in a fresh interpreter, not into this process's captured log
+                logging.root.setLevel(logging.WARNING)
+                AcceleratorState._reset_state(True)
+                GradientState._reset_state()
+                sys.argv = [str(c) for c in command]
+                runpy.run_path(sys.argv[0], run_name="__main__")
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+    deadline, codes = time.monotonic() + timeout, {}
+    try:
+        while len(codes) < len(pids):
+            for pid in set(pids) - set(codes):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    codes[pid] = os.waitstatus_to_exitcode(status)
+            if time.monotonic() > deadline or any(codes.values()):  # as the launcher, stop the other when one fails
+                break
+            time.sleep(0.05)
+    finally:  # also when this process is interrupted: no child outlives the test
+        for pid in set(pids) - set(codes):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            codes[pid] = -signal.SIGKILL
+    output = "".join(Path(f"{log}.{rank}").read_text(errors="replace") for rank in range(2))
+    log.write_text(output)
+    returncode = next((c for c in (codes[p] for p in pids) if c != 0), 0)
+    return subprocess.CompletedProcess(command, returncode, output, "")
+
+
 def in_process(args: list[str]) -> None:
     """sft_train.main(args) here, on a fresh accelerate state (an earlier run or a fake accelerator may have left one)."""
     import sft_train
@@ -292,8 +365,8 @@ def in_process(args: list[str]) -> None:
 
 def launch(tmp: Path, run_dir: Path, model_dir: Path, mode: str, *extra: str, env: dict | None = None, ok: bool = True):
     """mode: 1proc (sft_train.main in this process: the reference runs need no fresh interpreter, and the real command line
-    is run by the 2-process modes and tests/test_first_contact.py), ddp (cpu_2proc.yaml), fsdp or tp (forced on 2 CPU
-    processes). `env`: more environment variables (forced_launch.py's hooks). `ok=False`: the run must fail; its output is
+    is run by ddp and tests/test_first_contact.py), ddp (cpu_2proc.yaml), fsdp or tp (forced on 2 CPU processes, forked:
+    see run_forked). `env`: more environment variables (forced_launch.py's hooks). `ok=False`: the run must fail; its output is
     returned."""
     args = [*recipe(model_dir), f"run_dir={run_dir}", f"local_dirs=[{tmp / 'cache'}]", *extra]
     env = env or {}
@@ -308,7 +381,11 @@ def launch(tmp: Path, run_dir: Path, model_dir: Path, mode: str, *extra: str, en
                      tmp, ACCELERATE_USE_CPU=None)
     else:
         fsdp_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
-        result = run([*LAUNCH_2, str(FORCED), mode, *args], tmp, **(fsdp_env if mode == "fsdp" else {}), **env)
+        env = {**(fsdp_env if mode == "fsdp" else {}), **env}
+        if ok and "compile=true" not in extra and not any(k.startswith("MALLOC_") for k in env):
+            result = run_forked([FORCED, mode, *args], tmp, **env)
+        else:  # see run_forked for what needs a fresh interpreter; a run that must fail gets the real launcher's handling
+            result = run([*LAUNCH_2, str(FORCED), mode, *args], tmp, **env)
     if not ok:
         assert result.returncode != 0, "the run should have failed"
         return result.stdout + result.stderr
@@ -481,8 +558,7 @@ def test_fsdp2_bf16_keeps_positions_exact_up_to_max_length(tmp_path):
     dirs = [tiny_model_dir(tmp_path / "llama", hidden=128), tiny_model_dir(tmp_path / "neox", arch="gpt_neox", hidden=128)]
     out = tmp_path / "positions.json"
     fsdp_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
-    result = run([*LAUNCH_2, str(REPO / "tests" / "dist_scripts" / "bf16_positions.py"), str(out), *map(str, dirs)], tmp_path,
-                 **fsdp_env)
+    result = run_forked([REPO / "tests" / "dist_scripts" / "bf16_positions.py", out, *dirs], tmp_path, **fsdp_env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     results = json.loads(out.read_text())
     assert set(results) == {"llama", "gpt_neox"}

@@ -209,18 +209,16 @@ def test_sft_then_dpo_through_the_command_line(tmp_path):
 def test_fsdp_shards_the_reference_like_the_policy(tiny, tmp_path):
     """Forced FSDP2 on 2 CPU processes: the live reference is sharded per block as the policy is (only rank 0 reads the
     weights; the other receives its shards), and the run matches one process."""
-    from tests.test_distributed import FORCED, LAUNCH_2, make_tiny_llama
+    from tests.test_distributed import FORCED, make_tiny_llama, run_forked
 
     root = tiny[0]
     model_dir = make_tiny_llama(tmp_path / "llama")  # saved weights: from_pretrained loads them on rank 0 only under FSDP
     common = dict(model__random_init=False, model__name_or_path=model_dir, model__block_name="LlamaDecoderLayer",
                   batch_size=4, gradient_accumulation_steps=2, n_epochs=None, n_examples=8, eval_every=8, optimizer="AdamW")
     run_main(dpo_args(tiny, "fsdp-1proc", **common))
-    env = {**subprocess_env(), "ACCELERATE_USE_CPU": "true", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
-           "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
-    result = subprocess.run([sys.executable, *LAUNCH_2, str(FORCED), "fsdp", "--script", "dpo_train",
-                             *dpo_args(tiny, "fsdp-2proc", **common)], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=600)
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+    result = run_forked([FORCED, "fsdp", "--script", "dpo_train", *dpo_args(tiny, "fsdp-2proc", **common)], tmp_path,
+                        timeout=600, **env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "reference model: float32, sharded in 3 FSDP2 units" in result.stdout  # 2 blocks + the root
     assert json.loads((root / "fsdp-2proc" / "parallel.json").read_text())["mode"] == "fsdp"
