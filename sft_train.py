@@ -37,9 +37,9 @@ from training.cpu_threads import set_cpu_threads
 from training.distributed import (build_accelerator, data_first, data_parallel, gather_dp, model_load_kwargs,
                                   parallel_mode, prepare_model)
 from training.logger import MetricsLogger, console
-from training.loop import (build_optimizer, start_run, claimed_run_dir, gather_order, generate_samples, micro_batches, no_sync_unless_last, optimizer_step,
-                           prepare_run_dir, raise_if_not_finite, restored_signal_handlers, 
-                           run_summary, save, start_state, start_wandb, train)
+from training.loop import (build_optimizer, claimed_run_dir, gather_order, generate_samples, micro_batches,
+                           no_sync_unless_last, optimizer_step, prepare_run_dir, raise_if_not_finite,
+                           restored_signal_handlers, run_summary, start_run, start_state, start_wandb, train)
 from training.rundir import check_resume, run_signature
 from training.plots import plot_run_or_warn
 from training.schedule import check_length, count_updates

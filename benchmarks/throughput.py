@@ -496,7 +496,7 @@ def data_prep(args) -> None:
           f"interleaved rounds: reference per-example {best['reference']:.2f} s, cold {best['cold']:.2f} s, cached "
           f"{best['cached'] * 1000:.1f} ms; all rounds (s): " + "; ".join(f"{k} " + " ".join(f"{t:.3f}" for t in v)
                                                               for k, v in times.items())
-          + f"; CPU s (best): " + ", ".join(f"{k} {min(v):.3f}" for k, v in cpu.items())
+          + "; CPU s (best): " + ", ".join(f"{k} {min(v):.3f}" for k, v in cpu.items())
           + f"; load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(f"data preparation vs the reference's per-example path: cold {best['reference'] / best['cold']:.1f}x, "
           f"cached {best['reference'] / best['cached']:.0f}x")

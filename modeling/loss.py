@@ -57,9 +57,9 @@ def sequence_nll(
     examples.
     """
     # Padded: input_ids alone. The rows are right-padded (data/batches.py collate), and in a causal LM a real position never
-    # attends to the padding after it, so without the mask every real position's output is unchanged while attention runs its
-    # causal kernel instead of a masked one (about half the work on CPU; flash-attention-2 skips its unpad/repad); padding
-    # positions are never read. Packed: input_ids, position_ids and what the attention kernel needs to keep examples apart
+    # attends to the padding after it, so without the mask every real position's output is unchanged while attention runs
+    # its causal kernel instead of a masked one (it skips the masked half of the pairs; flash-attention-2 skips its
+    # unpad/repad); padding positions are never read. Packed: input_ids, position_ids and what the attention kernel needs to keep examples apart
     # (data/packing.py); no cache, so attention stops at example boundaries.
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_index", "attention_mask")}
     if "packed_spans" in inputs:
@@ -175,9 +175,9 @@ def supervised_nll_sums(model, base, inputs, labels, owner, n_examples, chunk_to
 
 def chunked_token_nll(head_forward, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
                       compiled: bool = False) -> torch.Tensor:
-    """-log softmax(head(hidden))[target] per row, `chunk_tokens` rows at a time; in training each chunk's logits are
-    recomputed in backward instead of kept (but the last), so at most one chunk of fp32 logits exists at a time. `compiled` (compile=true):
-    each chunk runs under torch.compile."""
+    """-log softmax(head(hidden))[target] per row, `chunk_tokens` rows at a time; in training each chunk's logits but the
+    last are recomputed in backward instead of kept, so at most one chunk of fp32 logits exists at a time. `compiled`
+    (compile=true): each chunk runs under torch.compile."""
     recompute = torch.is_grad_enabled()
     token_nll = compiled_token_nll() if compiled else plain_token_nll
     parts = []

@@ -145,7 +145,8 @@ def test_compiled_lora_run_matches_eager_lora(tmp_path):
     Losses and grad norms equal eager LoRA's, the graph count stops growing, and policy.pt is the same merged model."""
     model = tiny_model_dir(tmp_path / "model")
     train, test = tiny_data(tmp_path, n_train=24, n_test=8)
-    common = dict(batch_size=8, n_epochs=1, eval_every=24, packing=True, lora__enabled=True, lora__r=4, lora__alpha=8, **BLOCK)
+    common = dict(batch_size=8, n_epochs=1, eval_every=24, packing=True, lora__enabled=True, lora__r=4, lora__alpha=8,
+                  **BLOCK)
     sft_train.main(tiny_run_args(tmp_path, model, train, test, run_dir=tmp_path / "eager", **common))
     sft_train.main(tiny_run_args(tmp_path, model, train, test, run_dir=tmp_path / "compiled", compile=True, **common))
     eager, compiled = records(tmp_path / "eager"), records(tmp_path / "compiled")

@@ -487,8 +487,6 @@ class Range:
     infinite_ok: bool = False
 
     def problem(self, value: Any) -> str | None:
-        import math
-
         kind = "an integer" if isinstance(value, int) else "a number"
         bounds = []
         if self.low is not None:
