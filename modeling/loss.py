@@ -59,8 +59,8 @@ def sequence_nll(
     # Padded: input_ids alone. The rows are right-padded (data/batches.py collate), and in a causal LM a real position never
     # attends to the padding after it, so without the mask every real position's output is unchanged while attention runs
     # its causal kernel instead of a masked one (it skips the masked half of the pairs; flash-attention-2 skips its
-    # unpad/repad); padding positions are never read. Packed: input_ids, position_ids and what the attention kernel needs to keep examples apart
-    # (data/packing.py); no cache, so attention stops at example boundaries.
+    # unpad/repad); padding positions are never read. Packed: input_ids, position_ids and what the attention kernel needs
+    # to keep examples apart (data/packing.py); no cache, so attention stops at example boundaries.
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_index", "attention_mask")}
     if "packed_spans" in inputs:
         inputs["packed_spans"] = HostSpans(inputs["packed_spans"])  # opaque to torch.compile: no recompile per packing
@@ -85,18 +85,16 @@ def full_logits(model: torch.nn.Module, base: torch.nn.Module, inputs: dict, lab
         return model(**inputs, use_cache=False).logits
     rows, width = labels.shape
     flat_positions = supervised_positions(labels)[0]
-    head_forward = head.forward
 
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[:2] != (rows, width) or type(hidden) is not torch.Tensor:
-            return head_forward(hidden)  # a slice of positions, or a tensor subclass (tensor parallelism): as it was
+    def at_every_position(head_forward, hidden: torch.Tensor) -> torch.Tensor:
+        if type(hidden) is not torch.Tensor:
+            return head_forward(hidden)  # a tensor subclass (tensor parallelism): as it was
         with torch.no_grad():
             logits = head_forward(hidden)
         supervised = head_forward(hidden.reshape(rows * width, hidden.shape[-1]).index_select(0, flat_positions))
         return SupervisedRows.apply(logits, supervised, flat_positions)
 
-    with replaced_forward(head, forward):
-        return model(**inputs, use_cache=False).logits
+    return logits_with_head(model, head, inputs, (rows, width), at_every_position)
 
 
 class SupervisedRows(torch.autograd.Function):
@@ -151,19 +149,14 @@ def supervised_nll_sums(model, base, inputs, labels, owner, n_examples, chunk_to
     """NLL from the head applied only at supervised positions; None when the model's forward altered the head's output."""
     rows, width = labels.shape
     flat_positions, wanted, supervised = supervised_positions(labels)
-    head = base.get_output_embeddings()
-    head_forward = head.forward
     produced = []
 
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[:2] != (rows, width):  # not the full sequence: let the model have real logits
-            return head_forward(hidden)
+    def at_supervised_positions(head_forward, hidden: torch.Tensor) -> torch.Tensor:
         selected = hidden.reshape(rows * width, hidden.shape[-1]).index_select(0, flat_positions)
         produced.append(chunked_token_nll(head_forward, selected, wanted, chunk_tokens, getattr(base, COMPILED_LOSS, False)))
         return produced[-1]
 
-    with replaced_forward(head, forward):
-        out = model(**inputs, use_cache=False).logits
+    out = logits_with_head(model, base.get_output_embeddings(), inputs, (rows, width), at_supervised_positions)
     if not produced or not (out is produced[-1] or (out.shape == produced[-1].shape and torch.equal(out, produced[-1]))):
         log.warning("%s changes the head's output; computing the loss from full logits", type(base).__name__)
         base._sft_transforms_logits = True
@@ -203,6 +196,20 @@ def plain_token_nll(head_forward, hidden: torch.Tensor, targets: torch.Tensor) -
 def compiled_token_nll():
     """plain_token_nll under torch.compile, the number of positions a symbol: one graph for every chunk size."""
     return torch.compile(plain_token_nll, dynamic=True)
+
+
+def logits_with_head(model: torch.nn.Module, head: torch.nn.Module, inputs: dict, shape: tuple[int, int],
+                     head_at) -> torch.Tensor:
+    """The model's output logits with `head_at(head_forward, hidden)` in place of the head where it gets the hidden states of
+    the whole (rows, width) batch; on anything else (a slice of positions) the head runs as it is, so the model gets real
+    logits there."""
+    head_forward = head.forward
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        return head_at(head_forward, hidden) if hidden.shape[:2] == shape else head_forward(hidden)
+
+    with replaced_forward(head, forward):
+        return model(**inputs, use_cache=False).logits
 
 
 @contextlib.contextmanager
