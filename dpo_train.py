@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import gc
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 
 from data.batches import check_plan, collate_prompts, eval_plan, run_plan
 from data.pairs import build_pair_split, describe, pair_positions, pair_sides, prompt_groups
-from data.packing import collate_batch, tensor_tokens, to_device
+from data.packing import collate_for, to_device
 from data.tokenize import TokenizeSettings
 from modeling.dpo import pair_logps, pair_metrics, preference_loss
 from modeling.compile import compile_model
@@ -36,6 +37,7 @@ from modeling.load import load_model, load_tokenizer
 from modeling.lora import add_adapters
 from training.adapters import trainable_parameters
 from training.cli import run_main
+from training.checks import PREFERENCE_LOSSES
 from training.config import cache_dir
 from training.cpu_threads import set_cpu_threads
 from training.distributed import (build_accelerator, data_first, data_parallel, gather_dp, model_load_kwargs,
@@ -51,12 +53,13 @@ from training.reference_logps import ReferenceLogps
 from training.throughput import step_throughput
 
 log = logging.getLogger("dpo")
+LOSSES = PREFERENCE_LOSSES  # the objectives this stage trains (training/checks.py check_stage)
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
-    run = start_run(sys.argv[1:] if argv is None else argv, "dpo_train.py", __doc__, build_accelerator)
+    run = start_run(sys.argv[1:] if argv is None else argv, LOSSES, __doc__, build_accelerator)
     if run is None:  # --help was printed
         return None
     config, accelerator, data_files, resume_dir, saved_run, run_dir = run
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> Path | None:
             finished = train(config, accelerator, model, optimizer, scheduler, plans, n_planned, state, run_dir, logger,
                              train_step=step, evaluate=evaluate_now, script="dpo_train.py")
         if finished and accelerator.is_main_process:
-            finish_run(config, run_dir)  # {run_dir}/hf from LATEST/policy.pt (no second gather)
+            command = shlex.join(sys.argv) if argv is None else None  # started from the shell: for the model card
+            finish_run(config, run_dir, command)  # {run_dir}/hf from LATEST/policy.pt (no second gather)
             plot_run_or_warn(run_dir)
             console.print(run_summary(state, run_dir, time.monotonic() - started), soft_wrap=True, highlight=False)
     return run_dir
@@ -150,6 +154,7 @@ def train_step(config, accelerator, model, optimizer, scheduler, train_pairs, pa
     """One optimizer step over the global batch of pairs. The reference's loss is the mean over the step's B pairs; a
     micro-batch on one of W data-parallel processes backpropagates its pairs' summed loss x W / B (see modeling/loss.py)."""
     pairs = [{**train_pairs[i], "index": i} for i in indices]
+    collate = collate_for(config, pad_id)
     world = data_parallel(accelerator)[1]
     ga = config.gradient_accumulation_steps
     lr = scheduler.get_last_lr()[0]
@@ -157,8 +162,7 @@ def train_step(config, accelerator, model, optimizer, scheduler, train_pairs, pa
     model.train()
     parts = []
     for m, share in enumerate(micro_batches(pairs, accelerator, ga)):
-        batch = to_device(collate_batch(pair_sides(share), pad_id, config.packing, config.max_length,
-                                        config.model.attn_implementation), accelerator.device)
+        batch = to_device(collate(pair_sides(share)), accelerator.device)
         reference_chosen, reference_rejected = reference_logps("train", share, batch)
         with no_sync_unless_last(accelerator, model, m, ga):
             losses, *rest = pair_loss(config, model, batch, len(share), reference_chosen, reference_rejected)
@@ -169,9 +173,7 @@ def train_step(config, accelerator, model, optimizer, scheduler, train_pairs, pa
     grad_norm = optimizer_step(config, accelerator, model, optimizer, scheduler)
     elapsed = time.perf_counter() - start
     local = len(pairs) // ga // world
-    positions = sum(tensor_tokens(pair_positions(pairs[s:s + local]), config.packing, config.max_length,
-                                  config.model.attn_implementation)
-                    for s in range(0, len(pairs), local))
+    positions = sum(collate.positions(pair_positions(pairs[s:s + local])) for s in range(0, len(pairs), local))
     return {**pair_metrics("train", *values), "grad_norm": grad_norm, "lr": lr,
             **step_throughput(pair_sides(pairs), positions, elapsed, accelerator.device, n_devices=accelerator.num_processes),
             "examples_per_second": len(pairs) / elapsed}
@@ -182,12 +184,12 @@ def evaluate(config, accelerator, model, tokenizer, eval_pairs, eval_batches, re
     """Losses, rewards and log-probs over the fixed eval pairs (summed log-probs only, never logits), then policy samples."""
     rank, world = data_parallel(accelerator)
     model.eval()
+    collate = collate_for(config, tokenizer.pad_token_id)
     parts = []
     for indices in eval_batches:
         local = len(indices) // world
         share = [{**eval_pairs[i], "index": i} for i in indices[rank * local:(rank + 1) * local]]
-        batch = to_device(collate_batch(pair_sides(share), tokenizer.pad_token_id, config.packing, config.max_length,
-                                        config.model.attn_implementation), accelerator.device)
+        batch = to_device(collate(pair_sides(share)), accelerator.device)
         reference_chosen, reference_rejected = reference_logps("eval", share, batch)
         parts.append([gather_dp(accelerator, v.float()) for v in
                       pair_loss(config, model, batch, len(share), reference_chosen, reference_rejected)])
@@ -202,8 +204,7 @@ def evaluate(config, accelerator, model, tokenizer, eval_pairs, eval_batches, re
 def score_pairs(config, accelerator, pad_id, model, pairs: list[dict], batch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of chosen and rejected under `model` (the frozen reference) for this process's pairs."""
     if batch is None:
-        batch = to_device(collate_batch(pair_sides(pairs), pad_id, config.packing, config.max_length,
-                                        config.model.attn_implementation), accelerator.device)
+        batch = to_device(collate_for(config, pad_id)(pair_sides(pairs)), accelerator.device)
     chosen, rejected = pair_logps(model, batch, len(pairs), config.loss.supervised_logits_only, config.loss.logits_chunk_tokens)
     return chosen.float(), rejected.float()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import training.cpu_threads  # noqa: F401,I001  first: OpenMP's passive waiting must be set before torch is imported
 import functools
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from data.batches import check_plan, collate_prompts, eval_plan, run_plan
-from data.packing import collate_batch, tensor_tokens, to_device
+from data.packing import collate_for, to_device
 from data.sft import build_split
 from data.tokenize import TokenizeSettings, tokens_fingerprint
 from modeling.compile import compile_model
@@ -46,12 +47,13 @@ from training.schedule import check_length, count_updates
 from training.throughput import ModelFlops, compute_dtype, device_peak_flops, model_flops, step_throughput, synchronize
 
 log = logging.getLogger("sft")
+LOSSES = ("sft",)  # the objectives this stage trains (training/checks.py check_stage)
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
-    run = start_run(sys.argv[1:] if argv is None else argv, "sft_train.py", __doc__, build_accelerator)
+    run = start_run(sys.argv[1:] if argv is None else argv, LOSSES, __doc__, build_accelerator)
     if run is None:  # --help was printed
         return None
     config, accelerator, data_files, resume_dir, saved_run, run_dir = run
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> Path | None:
             finished = train(config, accelerator, model, optimizer, scheduler, plans, n_planned, state, run_dir, logger,
                              train_step=step, evaluate=evaluate_now, script="sft_train.py")
         if finished and accelerator.is_main_process:
-            finish_run(config, run_dir)  # {run_dir}/hf from LATEST/policy.pt (no second gather)
+            command = shlex.join(sys.argv) if argv is None else None  # started from the shell: for the model card
+            finish_run(config, run_dir, command)  # {run_dir}/hf from LATEST/policy.pt (no second gather)
             plot_run_or_warn(run_dir)
             console.print(run_summary(state, run_dir, time.monotonic() - started), soft_wrap=True, highlight=False)
     return run_dir
@@ -111,6 +114,7 @@ def train_step(config, accelerator, model, optimizer, scheduler, train_data, pad
                flops: ModelFlops | None = None, peak_flops: float | None = None) -> dict:
     """One optimizer step over the global batch; see modeling/loss.py for why each micro-batch loss is scaled by W / D."""
     examples = [train_data[i] for i in indices]
+    collate = collate_for(config, pad_id)
     world = data_parallel(accelerator)[1]
     ga = config.gradient_accumulation_steps
     n_tokens = sum(e["n_supervised"] for e in examples)
@@ -121,8 +125,7 @@ def train_step(config, accelerator, model, optimizer, scheduler, train_data, pad
     model.train()
     nll_sums = []
     for m, share in enumerate(micro_batches(examples, accelerator, ga)):
-        batch = to_device(collate_batch(share, pad_id, config.packing, config.max_length, config.model.attn_implementation),
-                          accelerator.device)
+        batch = to_device(collate(share), accelerator.device)
         with no_sync_unless_last(accelerator, model, m, ga):
             nll, _ = sequence_nll(model, batch, config.loss.supervised_logits_only, config.loss.logits_chunk_tokens)
             accelerator.backward(nll.sum() * world / denominator)
@@ -134,8 +137,7 @@ def train_step(config, accelerator, model, optimizer, scheduler, train_data, pad
     elapsed = time.perf_counter() - start
     loss = nll.mean().item()
     local = len(examples) // ga // world
-    positions = sum(tensor_tokens([len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples[s:s + local]],
-                                  config.packing, config.max_length, config.model.attn_implementation)
+    positions = sum(collate.positions([len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples[s:s + local]])
                     for s in range(0, len(examples), local))
     return {
         "loss/train": loss if config.loss.normalize == "example" else nll.sum().item() / n_tokens,
@@ -162,11 +164,11 @@ def evaluate(config, accelerator, model, tokenizer, eval_data, eval_batches, sta
     """Summed NLL and token counts over the fixed eval set (never keeps logits), then samples for a few prompts."""
     rank, world = data_parallel(accelerator)
     model.eval()
+    collate = collate_for(config, tokenizer.pad_token_id)
     nll_all, tok_all = [], []
     for indices in eval_batches:
         local = len(indices) // world
-        batch = collate_batch([eval_data[i] for i in indices[rank * local:(rank + 1) * local]], tokenizer.pad_token_id,
-                              config.packing, config.max_length, config.model.attn_implementation)
+        batch = collate([eval_data[i] for i in indices[rank * local:(rank + 1) * local]])
         nll, ntok = sequence_nll(model, to_device(batch, accelerator.device), config.loss.supervised_logits_only,
                                  config.loss.logits_chunk_tokens)
         nll_all.append(gather_dp(accelerator, nll.float()))

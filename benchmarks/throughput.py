@@ -121,9 +121,11 @@ def build_model(args, overrides: list[str] | None):
     import transformers
 
     from modeling.load import load_model
+    from training.attention import resolve_attention
     from training.config import load_config
 
     config = load_config(base_overrides(args) + (overrides or []))
+    resolve_attention(config, "cuda" if torch.cuda.is_available() else "cpu")  # as sft_train.py's start_run (one process)
     if args.workload == "real":
         return config, load_model(config.model)
     torch.manual_seed(0)
@@ -180,7 +182,7 @@ def step_counts(examples: list[dict], positions: int) -> dict:
 def suite_run(mode: str, overrides: list[str], args) -> dict:
     import sft_train
     from data.batches import bucketed_batches, plan_train_batches
-    from data.packing import tensor_tokens
+    from data.packing import collate_for
     from modeling.compile import compile_model
     from training.compilation import compile_metrics
     from modeling.load import load_tokenizer
@@ -217,8 +219,7 @@ def suite_run(mode: str, overrides: list[str], args) -> dict:
         if not warmup:
             examples = [data[i] for i in indices]
             lengths = [len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples]
-            counts.append(step_counts(examples, tensor_tokens(lengths, config.packing, config.max_length,
-                                                              config.model.attn_implementation)))
+            counts.append(step_counts(examples, collate_for(config, tokenizer.pad_token_id).positions(lengths)))
         return metrics["loss/train"]
 
     result = {**timed(step, batches, args, config.compile), "counts": counts}

@@ -30,8 +30,9 @@ from data.records import LOADERS, load_records
 from data.sft import build_split
 from data.tokenize import TokenizeSettings
 from training.cli import normalize_args, run_main
-from training.config import (Config, ConfigError, build_config, cache_dir, load_recipe, locate_model_file, normalize_data_files,
-                             parse_value, set_dotted)
+from training.checks import normalize_data_files
+from training.config import Config, ConfigError, build_config, cache_dir, load_recipe, parse_value, set_dotted
+from training.model_source import locate_model_file
 
 log = logging.getLogger("data")
 

@@ -1,40 +1,41 @@
 """Padding-free packing: a micro-batch's examples concatenated, with each example's attention and loss kept to itself.
 
-    batch = collate_batch(examples, pad_id, packing=True, max_length=512, attention="sdpa_packed")
+    collate = collate_for(config, pad_id)         # the run's packing, max_length and attention kernel
+    batch = collate(examples)                      # packed (in the kernel's layout) or right-padded rows
     nll, counts = sequence_nll(model, to_device(batch, device))   # per example, in the order of `examples`
+    positions = collate.positions(lengths)         # tensor positions (tokens + padding) of such a batch
 
 Each example is placed whole (never split); position_ids restart at 0 per example. The first token of each example gets
 label -100: unpacked, nothing predicts it either, so the loss of every example is the same sum it would be alone.
 `example_index` maps each position to its example (-1 on filler), which lets the loss return per-example sums in the
 original order. Packing only regroups the micro-batch it is given, so an optimizer step holds exactly the examples it holds
-unpacked. Every key but `labels` and `example_index` is a model input. What else a packed batch carries depends on the
-attention kernel (`packed_layout`), because transformers detects packing differently per kernel:
+unpacked. Every key but `labels`, `example_index` and `n_examples` is a model input. What else a packed batch carries
+depends on the attention kernel (training/attention.py `packed_layout`), because transformers detects packing differently
+per kernel:
 
 - "rows" (sdpa_packed, sdpa, eager): rows of at most max_length tokens, as few and as evenly filled as pack_rows finds,
   filler (pad id, label -100, its own positions) at the end of short rows; shape (rows, width). sdpa and eager build a
   block-diagonal mask from position_ids. `packed_spans` (a tuple per row of (start, end) pairs, filler included) is
   computed here once, so `sdpa_packed` splits rows without reading position_ids back from the device in every layer.
-- "flat" (flash attention kernels): ONE row of all the micro-batch's examples, no filler, shape (1, total), plus
-  `cu_seq_lens_q`/`cu_seq_lens_k` (int32 offsets [0, len_0, len_0 + len_1, ...]) and `max_length_q`/`max_length_k`
-  (Python ints), the kwargs transformers' flash path hands to the varlen kernel. transformers only infers packing from
+- "flat" (flash-attention kernels, varlen_attn, flex_attention): ONE row of all the micro-batch's examples, no filler,
+  shape (1, total), plus `cu_seq_lens_q`/`cu_seq_lens_k` (int32 offsets [0, len_0, len_0 + len_1, ...]) and
+  `max_length_q`/`max_length_k` (Python ints), the kwargs transformers' flash path hands to the varlen kernel, and
+  `n_examples` (a Python int, so the loss needs no device read to count them). transformers only infers packing from
   position_ids when the batch has one row; several packed rows would run as plain causal attention across examples.
 
-Other kernels (flex_attention, paged kernels, ...) are refused with packing (training/config.py validate).
+Other kernels are refused with packing (training/attention.py check_attention).
 """
 
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 
 import torch
 
 from data.batches import collate
-from training.config import is_flash_attention
-
-
-def packed_layout(attention: str | None) -> str:
-    """`flat` (one row + cu_seq_lens) for flash kernels, `rows` for kernels that separate examples within rows."""
-    return "flat" if is_flash_attention(attention) else "rows"
+from training.attention import packed_layout
+from training.config import Config
 
 
 def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
@@ -100,7 +101,8 @@ def collate_packed(examples: list[dict], pad_id: int, max_length: int, attention
     if flat:
         offsets = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         longest = max(lengths)
-        batch.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets.clone(), max_length_q=longest, max_length_k=longest)
+        batch.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets.clone(), max_length_q=longest, max_length_k=longest,
+                     n_examples=len(examples))
     else:
         batch["packed_spans"] = tuple(spans)
     return batch
@@ -114,23 +116,38 @@ def response_labels(example: dict) -> torch.Tensor:
     return response
 
 
-def collate_batch(examples: list[dict], pad_id: int, packing: bool, max_length: int, attention: str | None = "sdpa_packed") -> dict:
-    """The model input of one micro-batch: packed (in `attention`'s layout) or right-padded rows (data/batches.py collate)."""
-    return collate_packed(examples, pad_id, max_length, attention) if packing else collate(examples, pad_id)
-
-
 def to_device(batch: dict, device: torch.device | str) -> dict:
     """Tensors moved to `device`; Python values (spans, max lengths) stay on the host, which is the point of them."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def tensor_tokens(lengths: list[int], packing: bool, max_length: int, attention: str | None = "sdpa_packed") -> int:
-    """Positions (real tokens + padding) of the tensor that collate_batch builds for examples of these lengths."""
-    if not lengths:
-        return 0
-    if not packing:
-        return len(lengths) * max(lengths)
-    if packed_layout(attention) == "flat":
-        return sum(lengths)
-    rows = pack_rows(lengths, max_length)
-    return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+@dataclass(frozen=True)
+class Collate:
+    """A run's micro-batch collate: its packing, max_length and attention kernel fixed once (collate_for)."""
+
+    pad_id: int
+    packing: bool
+    max_length: int
+    attention: str | None
+
+    def __call__(self, examples: list[dict]) -> dict:
+        """The model input of one micro-batch: packed (in the kernel's layout) or right-padded rows (data/batches.py)."""
+        if self.packing:
+            return collate_packed(examples, self.pad_id, self.max_length, self.attention)
+        return collate(examples, self.pad_id)
+
+    def positions(self, lengths: list[int]) -> int:
+        """Positions (real tokens + padding) of the tensor this builds for examples of these lengths."""
+        if not lengths:
+            return 0
+        if not self.packing:
+            return len(lengths) * max(lengths)
+        if packed_layout(self.attention) == "flat":
+            return sum(lengths)
+        rows = pack_rows(lengths, self.max_length)
+        return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+
+
+def collate_for(config: Config, pad_id: int) -> Collate:
+    """The collate of a run with this config (model.attn_implementation already resolved for the device)."""
+    return Collate(pad_id, config.packing, config.max_length, config.model.attn_implementation)

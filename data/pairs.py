@@ -2,7 +2,7 @@
 
     from data.pairs import build_pair_split, pair_sides
     train = build_pair_split(["hh"], "train", data_files, tokenizer, TokenizeSettings(512, 256), cache_dir)
-    batch = collate_batch(pair_sides([train[i] for i in indices]), pad_id, packing, max_length)   # chosen rows, then rejected
+    batch = collate_for(config, pad_id)(pair_sides([train[i] for i in indices]))   # chosen rows, then rejected
 
 Pairs are listed record by record in the datasets' order, and within a record in its `pairs` order; `prompt_index` numbers the
 records, so the data order (data/batches.py) shuffles prompts and keeps each prompt's pairs together, as the reference does.
@@ -140,7 +140,7 @@ def identical_pairs(pairs: datasets.Dataset) -> tuple[int, str | None]:
 
 def pair_sides(pairs: list[dict]) -> list[dict]:
     """The 2B sequences of B pairs in the reference's concatenated order: all chosen, then all rejected, as SFT examples
-    (prompt_ids, response_ids) for data/packing.py collate_batch. Padded, each side is as wide as the longer one."""
+    (prompt_ids, response_ids) for data/packing.py collate_for. Padded, each side is as wide as the longer one."""
     return [{"prompt_ids": p["prompt_ids"], "response_ids": p[f"{side}_ids"]} for side in ("chosen", "rejected") for p in pairs]
 
 

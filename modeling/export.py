@@ -19,9 +19,7 @@ import importlib.metadata
 import json
 import logging
 import os
-import shlex
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -243,17 +241,17 @@ def library_version(name: str) -> str:
         return "not installed"
 
 
-def finish_run(config: Config, run_dir: Path) -> None:
-    """Main process, after LATEST is saved: export it to {run_dir}/hf (if config.export).
+def finish_run(config: Config, run_dir: Path, command: str | None = None) -> None:
+    """Main process, after LATEST is saved: export it to {run_dir}/hf (if config.export). `command`: the training command
+    line for the model card (the script passes its own when it was started from the shell).
 
     The export reads LATEST/policy.pt, the state already gathered once for the checkpoint. A failed export raises (LATEST
     is complete either way and can be exported again with `python -m modeling.export`).
     """
     if not config.export:
         return
-    launched = Path(sys.argv[0]).name in ("sft_train.py", "dpo_train.py")
     try:
-        export_hf(run_dir / "LATEST", run_dir / "hf", command=shlex.join(sys.argv) if launched else None)
+        export_hf(run_dir / "LATEST", run_dir / "hf", command=command)
     except Exception:
         log.error("the HF export failed; %s/LATEST is complete. Retry with: python -m modeling.export %s/LATEST --out %s/hf",
                   run_dir, run_dir, run_dir)

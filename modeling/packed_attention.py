@@ -10,8 +10,8 @@ attention layer as a keyword argument), so no layer reads position_ids back from
 training forward (no spans, a padding mask, a KV cache, decoding) goes to transformers' sdpa with its mask, unchanged; so
 does a model that does not hand keyword arguments down to attention, whose mask from position_ids still separates examples.
 Importing this module registers the name; modeling/load.py imports it, so every model a run builds (training, export,
-generate) and any config can set model.attn_implementation=sdpa_packed. On GPU prefer flash_attention_2 (packed as one
-flattened row with cu_seq_lens, see data/packing.py). Under torch.compile (compile=true) this function runs outside the graph
+generate) and any config can set model.attn_implementation=sdpa_packed. Which kernel a packed run gets on which device,
+and the batch layout of each, is training/attention.py's table. Under torch.compile (compile=true) this function runs outside the graph
 and the spans reach it boxed (HostSpans): as Python values inside the graph, every new packing would recompile.
 """
 
@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-NAME = "sdpa_packed"
+from training.attention import SDPA_PACKED as NAME
 
 
 class HostSpans:

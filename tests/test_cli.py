@@ -13,13 +13,15 @@ import pytest
 import sft_train
 from training.cli import run_main
 from training.errors import UserError
-from training.config import CHECKS, ConfigError, check_model_source, config_fields, load_config, validate
+from training.checks import CHECKS, validate
+from training.config import ConfigError, config_fields, load_config
+from training.model_source import check_model_source
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_config_field_has_a_declared_range():
-    """A new field needs its valid values in training/config.py CHECKS (or a Free entry saying where it is checked)."""
+    """A new field needs its valid values in training/checks.py CHECKS (or a Free entry saying where it is checked)."""
     assert set(config_fields()) == set(CHECKS)
 
 

@@ -16,10 +16,12 @@ import torch
 
 import dpo_train
 import sft_train
+from data.packing import Collate
 from tests.tiny import tiny_data, tiny_model_dir, tiny_run_args
 from training.checkpoint import load_archive
 from training.compilation import check_compile
-from training.config import ConfigError, load_config, validate
+from training.checks import validate
+from training.config import ConfigError, load_config
 
 
 def has_cpp_compiler() -> bool:
@@ -57,6 +59,20 @@ def reports(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("torch.compile: ")]
 
 
+
+def record_collate(monkeypatch, record) -> None:
+    """sft_train's collates call `record(batch)` on every micro-batch they build."""
+    collate_for = sft_train.collate_for
+
+    class Recording(Collate):
+        def __call__(self, examples):
+            batch = super().__call__(examples)
+            record(batch)
+            return batch
+
+    monkeypatch.setattr(sft_train, "collate_for", lambda config, pad_id: Recording(**vars(collate_for(config, pad_id))))
+
+
 @pytest.mark.slow
 @compiles
 def test_compiled_padded_run_matches_eager_stops_compiling_and_resumes(tmp_path, caplog, monkeypatch):
@@ -69,14 +85,7 @@ def test_compiled_padded_run_matches_eager_stops_compiling_and_resumes(tmp_path,
     sft_train.main(tiny_run_args(tmp_path, model, train, test, run_dir=tmp_path / "eager", **common))
 
     shapes = []
-    collate = sft_train.collate_batch
-
-    def recording_collate(*args, **kwargs):
-        batch = collate(*args, **kwargs)
-        shapes.append(tuple(batch["input_ids"].shape))
-        return batch
-
-    monkeypatch.setattr(sft_train, "collate_batch", recording_collate)
+    record_collate(monkeypatch, lambda batch: shapes.append(tuple(batch["input_ids"].shape)))
     run_dir = tmp_path / "compiled"
     with caplog.at_level(logging.INFO, logger="training.loop"):
         sft_train.main(tiny_run_args(tmp_path, model, train, test, run_dir=run_dir, compile=True, max_updates_this_run=5,
@@ -119,14 +128,7 @@ def test_compiled_packed_run_matches_eager_without_a_recompile_per_packing(tmp_p
     common = dict(batch_size=8, n_epochs=1, eval_every=16, packing=True, **BLOCK)
     sft_train.main(tiny_run_args(tmp_path, model, train, test, run_dir=tmp_path / "eager", **common))
     layouts = []
-    collate = sft_train.collate_batch
-
-    def recording_collate(*args, **kwargs):
-        batch = collate(*args, **kwargs)
-        layouts.append(tuple(len(row) for row in batch["packed_spans"]))
-        return batch
-
-    monkeypatch.setattr(sft_train, "collate_batch", recording_collate)
+    record_collate(monkeypatch, lambda batch: layouts.append(tuple(len(row) for row in batch["packed_spans"])))
     with caplog.at_level(logging.INFO, logger="training.loop"):
         sft_train.main(tiny_run_args(tmp_path, model, train, test, run_dir=tmp_path / "compiled", compile=True, **common))
     eager, compiled = records(tmp_path / "eager"), records(tmp_path / "compiled")

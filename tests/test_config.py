@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 import sft_train
-from training.config import MODEL_PRESETS, Config, ConfigError, load_config, save_config, validate
+from training.attention import resolve_attention
+from training.checks import validate
+from training.config import MODEL_PRESETS, Config, ConfigError, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -151,6 +153,13 @@ def test_saved_config_loads_back_identically(tmp_path):
 
 
 def test_packing_picks_per_example_attention_unless_set():
-    assert load_config(["packing=true"]).model.attn_implementation == "sdpa_packed"
-    assert load_config(["packing=true", "model.attn_implementation=flash_attention_2"]).model.attn_implementation == "flash_attention_2"
-    assert load_config([]).model.attn_implementation is None
+    """Picked once the device is known (training/attention.py resolve_attention, called by start_run): on CPU sdpa_packed."""
+    def resolved(args: list[str]) -> str | None:
+        config = load_config(args)
+        resolve_attention(config, "cpu")
+        return config.model.attn_implementation
+
+    assert load_config(["packing=true"]).model.attn_implementation is None  # not yet: the config does not know the device
+    assert resolved(["packing=true"]) == "sdpa_packed"
+    assert resolved(["packing=true", "model.attn_implementation=flash_attention_2"]) == "flash_attention_2"
+    assert resolved([]) is None

@@ -79,12 +79,12 @@ def config_for(model_dir: Path, **extra):
 
 
 def fake_accelerator(mode: str, rank: int = 0, world: int = 2):
-    """What parallel_mode/check_setup/data_parallel read from an Accelerator."""
+    """What parallel_mode/check_setup/data_parallel (and start_run, for the attention kernel) read from an Accelerator."""
     tp = SimpleNamespace(tp_enabled=True, tp_size=world) if mode == "tp" else None
     kind = {"single": DistributedType.NO, "ddp": DistributedType.MULTI_CPU, "fsdp": DistributedType.FSDP,
             "tp": DistributedType.MULTI_CPU}[mode]
     return SimpleNamespace(parallelism_config=tp, distributed_type=kind, num_processes=1 if mode == "single" else world,
-                           process_index=rank)
+                           process_index=rank, device=torch.device("cpu"))
 
 
 # ---- unit checks ----

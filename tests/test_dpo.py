@@ -177,7 +177,7 @@ def test_dpo_config_errors_stop_before_any_work(tmp_path, monkeypatch):
     base = ["exp_name=t", "model=blank_model", "model.name_or_path=recipes/demo", "wandb.enabled=false", f"run_dir={tmp_path / 'run'}"]
     with pytest.raises(ConfigError, match="loss.beta is required with loss.name=dpo"):
         dpo_train.main([*base, "loss.name=dpo"])
-    with pytest.raises(ConfigError, match="loss.name=sft is trained by sft_train.py; dpo_train.py trains loss.name=dpo or ipo"):
+    with pytest.raises(ConfigError, match="loss.name=sft is trained by the other stage; this one trains loss.name=dpo or ipo"):
         dpo_train.main(base)
     with pytest.raises(ConfigError, match="batching=length_bucketed is for SFT examples"):
         dpo_train.main([*base, "loss.name=ipo", "loss.beta=0.1", "batching=length_bucketed"])

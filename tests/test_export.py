@@ -21,6 +21,7 @@ from modeling.export import export_hf, finish_run, main, run_config
 from training.plots import plot_run_or_warn
 from modeling.load import load_model
 from training import checkpoint as ckpt
+from training.attention import resolve_attention
 from training.config import build_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,7 @@ def write_run(run_dir: Path, model_dir: Path, seed: int = 0, **extra) -> Path:
         "lr": 1e-4,
         "run_dir": str(run_dir),
     })
+    resolve_attention(config, "cpu")  # as start_run does before the run saves its config
     run_dir.mkdir(parents=True)
     save_config(config, run_dir / "config.yaml")
     torch.manual_seed(seed)
@@ -179,7 +181,7 @@ def test_finish_run_exports_and_a_failing_plot_only_warns(tmp_path, caplog):
 
 
 def test_export_of_a_packed_run_in_a_fresh_process(tmp_path):
-    """packing=true resolves model.attn_implementation=sdpa_packed; the export and generate CLIs, started as new processes,
+    """packing=true resolves model.attn_implementation=sdpa_packed (on CPU); the export and generate CLIs, started as new processes,
     must know that name, and the export must load with plain transformers."""
     latest = write_run(tmp_path / "run", DEMO, packing=True)
     assert run_config(latest).model.attn_implementation == "sdpa_packed"

@@ -133,6 +133,6 @@ def test_the_cycle_check_sees_a_cycle_through_a_function_local_import(tmp_path):
 
 def test_config_knows_exactly_the_dataset_loaders():
     from data.records import LOADERS
-    from training.config import DATASET_NAMES
+    from training.checks import DATASET_NAMES
 
     assert tuple(LOADERS) == DATASET_NAMES

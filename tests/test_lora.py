@@ -16,7 +16,8 @@ import transformers
 from modeling.lora import add_adapters
 from training.adapters import adapter_layout, merged_state
 from tests.test_distributed import assert_same_checkpoint, assert_same_training, launch, make_tiny_llama, metrics
-from training.config import ConfigError, LoraConfig, load_config, validate
+from training.checks import validate
+from training.config import ConfigError, LoraConfig, load_config
 
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "packing=true"]
 # all-linear on the tiny Llama, per layer: q, k, v, o (32 -> 32) and gate, up (32 -> 64), down (64 -> 32); r (in + out) each

@@ -13,10 +13,11 @@ import transformers
 
 import sft_train
 from data.batches import collate
-from data.packing import collate_packed, pack_rows, tensor_tokens
+from data.packing import Collate, collate_packed, collate_for, pack_rows
 from modeling.loss import sequence_nll
 from tests.tiny import tiny_data, tiny_model_dir, tiny_run_args
-from training.config import ConfigError, build_config, validate
+from training.checks import validate
+from training.config import ConfigError, build_config
 
 
 def example(prompt: list[int], response: list[int], **extra) -> dict:
@@ -53,7 +54,7 @@ def test_collate_packed_for_flash_attention_is_one_row_with_cu_seq_lens(attentio
     examples = [example([11, 12], [13, 14, 15]), example([21], [22]), example([31, 32, 33], [34, 35, 36, 37])]
     batch = collate_packed(examples, pad_id=-8, max_length=8, attention=attention)
     assert set(batch) == {"input_ids", "position_ids", "labels", "example_index", "cu_seq_lens_q", "cu_seq_lens_k",
-                          "max_length_q", "max_length_k"}
+                          "max_length_q", "max_length_k", "n_examples"}
     assert batch["input_ids"].tolist() == [[11, 12, 13, 14, 15, 21, 22, 31, 32, 33, 34, 35, 36, 37]]  # no filler
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4, 5, 6]]
     assert batch["labels"].tolist() == [[-100, -100, 13, 14, 15, -100, 22, -100, -100, -100, 34, 35, 36, 37]]
@@ -61,17 +62,54 @@ def test_collate_packed_for_flash_attention_is_one_row_with_cu_seq_lens(attentio
     for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
         assert batch[key].dtype == torch.int32 and batch[key].tolist() == [0, 5, 7, 14]
     assert batch["max_length_q"] == batch["max_length_k"] == 7 and type(batch["max_length_q"]) is int
-    assert tensor_tokens([5, 2, 7], packing=True, max_length=8, attention=attention) == 14
+    assert batch["n_examples"] == 3 and type(batch["n_examples"]) is int  # the loss counts examples without a device read
+    assert Collate(-8, True, 8, attention).positions([5, 2, 7]) == 14
 
 
 def test_packing_refuses_attention_kernels_that_are_not_known_to_separate_examples():
-    config = build_config({"exp_name": "x", "packing": True, "model": {"name_or_path": "m", "attn_implementation": "flex_attention"}})
-    with pytest.raises(ConfigError, match="packing=true with model.attn_implementation=flex_attention: that kernel is not known"):
+    config = build_config({"exp_name": "x", "packing": True, "model": {"name_or_path": "m", "attn_implementation": "paged|sdpa"}})
+    with pytest.raises(ConfigError, match=r"packing=true with model.attn_implementation=paged\|sdpa: that kernel is not known"):
         validate(config)
-    for attention in ("sdpa_packed", "sdpa", "eager", "flash_attention_2"):
+    for attention in ("sdpa_packed", "sdpa", "eager", "flash_attention_2", "varlen_attn", "flex_attention", None):
         config.model.attn_implementation = attention
         validate(config)
 
+
+
+@pytest.mark.parametrize("attention", ["varlen_attn", "flex_attention", "flash_attention_2"])
+def test_collate_for_flat_kernels(attention):
+    """The run's collate (pad -8): one row, int32 offsets from 0, host ints for the longest example and the example count,
+    -100 at each example's first position (nothing predicts it unpacked either)."""
+    config = build_config({"exp_name": "x", "packing": True, "max_length": 8,
+                           "model": {"name_or_path": "m", "attn_implementation": attention}})
+    collate = collate_for(config, pad_id=-8)
+    assert collate == Collate(-8, True, 8, attention)
+    examples = [example([11, 12], [13, 14, 15]), example([21], [22]), example([31, 32, 33], [34, 35, 36, 37])]
+    batch = collate(examples)
+    assert batch["input_ids"].shape == (1, 14)
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        assert batch[key].dtype == torch.int32 and batch[key].tolist() == [0, 5, 7, 14]
+    assert [type(batch[k]) for k in ("max_length_q", "max_length_k", "n_examples")] == [int, int, int]
+    assert batch["max_length_q"] == batch["max_length_k"] == 7 and batch["n_examples"] == 3
+    starts = batch["cu_seq_lens_q"][:-1].tolist()
+    assert batch["labels"][0, starts].tolist() == [-100, -100, -100]
+    assert batch["labels"].tolist() == [[-100, -100, 13, 14, 15, -100, 22, -100, -100, -100, 34, 35, 36, 37]]
+    assert collate.positions([5, 2, 7]) == 14
+
+
+def test_collate_for_rows_and_padding_are_unchanged():
+    examples = [example([11, 12], [13, 14, 15]), example([21], [22]), example([31, 32, 33], [34, 35, 36, 37])]
+    config = build_config({"exp_name": "x", "packing": True, "max_length": 8,
+                           "model": {"name_or_path": "m", "attn_implementation": "sdpa_packed"}})
+    rows = collate_for(config, -8)(examples)
+    expected = collate_packed(examples, pad_id=-8, max_length=8, attention="sdpa_packed")
+    assert rows.keys() == expected.keys() and "n_examples" not in rows
+    assert all(torch.equal(rows[k], expected[k]) if isinstance(rows[k], torch.Tensor) else rows[k] == expected[k] for k in rows)
+    assert collate_for(config, -8).positions([5, 2, 7]) == 2 * 7
+    config.packing = False
+    padded, plain = collate_for(config, -8)(examples), collate(examples, -8)
+    assert padded.keys() == plain.keys() and all(torch.equal(padded[k], plain[k]) for k in padded)
+    assert collate_for(config, -8).positions([5, 2, 7]) == 3 * 7
 
 def test_collate_packed_filler_and_masks():
     examples = [example([1, 2], [3, 4]), example([], [5, 6, 7], response_mask=[1, 0, 1]), example([8], [9])]
@@ -84,9 +122,9 @@ def test_collate_packed_filler_and_masks():
     # Filler restarts its positions: it is a sequence of its own, not a continuation of the example before it.
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
     assert batch["example_index"].tolist() == [[0, 0, 0, 0, -1], [1, 1, 1, 2, 2]]
-    assert tensor_tokens([4, 3, 2], packing=True, max_length=6) == 10
-    assert tensor_tokens([5, 1], packing=True, max_length=6) == 6
-    assert tensor_tokens([5, 1], packing=False, max_length=6) == 10
+    assert Collate(-8, True, 6, "sdpa_packed").positions([4, 3, 2]) == 10
+    assert Collate(-8, True, 6, "sdpa_packed").positions([5, 1]) == 6
+    assert Collate(-8, False, 6, "sdpa_packed").positions([5, 1]) == 10
 
 
 @pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("llama", "eager"), ("llama", "sdpa_packed"), ("gpt2", "sdpa"), ("gpt2", "sdpa_packed")])
@@ -142,7 +180,7 @@ def cpu_flash(monkeypatch) -> str:
 
 
 def per_example_logits(model, batch) -> list[torch.Tensor]:
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_index")}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_index", "n_examples")}
     logits = model(**inputs, use_cache=False).logits
     owner = batch["example_index"]
     return [logits[owner == i] for i in range(int(owner.max()) + 1)]

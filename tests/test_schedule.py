@@ -9,7 +9,8 @@ import torch
 
 from data.batches import plan_batches
 from tests.tiny import tiny_data, tiny_model_dir, tiny_run_args
-from training.config import ConfigError, load_config, validate
+from training.checks import validate
+from training.config import ConfigError, load_config
 from training.schedule import LRFactor, build_scheduler, check_length, count_updates, lr_factor
 
 import sft_train

@@ -9,15 +9,14 @@ Defaults live here and only here. A run's config is built in three layers, later
 
 `model` names a preset (`model=pythia28`, or `model: {name: pythia28, ...}` in YAML); the preset fills the model fields and any
 explicit `model.*` key wins over it. Unknown keys and values of the wrong type are errors that name the key (and the closest valid
-key); `validate` checks the cross-field rules before anything expensive happens.
+key). The valid values and the cross-field rules are in training/checks.py (`validate`), the model's whereabouts in
+training/model_source.py, the attention kernel in training/attention.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import math
 import os
 import types
 import typing
@@ -59,7 +58,8 @@ class ModelConfig:
     device_map: str | None = None
     """`balanced` spreads the layers of one process over all visible GPUs (single-process multi-GPU). Not with FSDP/DDP."""
     attn_implementation: str | None = None
-    """transformers attention kernel (sdpa, eager, flash_attention_2); null lets transformers choose."""
+    """transformers attention kernel (sdpa, eager, flash_attention_2, sdpa_packed, varlen_attn, flex_attention); null lets
+    transformers choose, or with packing picks one for the device (training/attention.py)."""
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -219,8 +219,9 @@ class Config:
     export: bool = True
     """At the end, also write a Hugging Face model directory to {run_dir}/hf."""
     packing: bool = False
-    """Pack the micro-batch's examples into rows of max_length (position_ids restart per example); same loss, no padding.
-    Unless model.attn_implementation is set, it becomes `sdpa_packed` (attention computed per example inside each row)."""
+    """Pack the micro-batch's examples (position_ids restart per example, attention kept within each); same loss, no padding.
+    Unless model.attn_implementation is set, the run picks it for its device (training/attention.py): `sdpa_packed` on CPU
+    (rows of max_length), `varlen_attn` on CUDA in bf16/fp16 and `flex_attention` in fp32 (one flattened row)."""
     batching: str = "reference"
     """Training batch order: `reference` (the reference's order) or `length_bucketed` (batches of similar-length examples drawn
     from the same per-epoch examples, shuffled by the seed: less padding when packing is off). Either is resumable."""
@@ -329,11 +330,7 @@ def build_config(tree: dict[str, Any]) -> Config:
     if name not in MODEL_PRESETS:
         raise ConfigError(f"model: unknown model {name!r}{suggest(str(name), MODEL_PRESETS)}; choose one of {', '.join(MODEL_PRESETS)}")
     tree["model"] = {**MODEL_PRESETS[name], **model}
-    config = from_dict(Config, tree, "")
-    if config.packing and config.model.attn_implementation is None:
-        # Packed rows need attention that stops at example boundaries without paying for the pairs across them.
-        config.model.attn_implementation = "sdpa_packed"
-    return config
+    return from_dict(Config, tree, "")
 
 
 def looks_like_model_source(value: str) -> bool:
@@ -470,163 +467,6 @@ def save_config(config: Config, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-LOSSES = ("sft", "dpo", "ipo")
-PREFERENCE_LOSSES = ("dpo", "ipo")  # trained by dpo_train.py on (chosen, rejected) pairs
-DATASET_SPLITS = ("train", "test")
-DATASET_NAMES = ("hh", "shp", "se", "jsonl")  # the loaders of data/records.py, one per name
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclass(frozen=True)
-class Range:
-    """Numbers from `low` (exclusive when `strict`) to `high`; NaN always, and infinity unless `infinite_ok`, refused."""
-
-    low: float | None = None
-    high: float | None = None
-    strict: bool = False
-    infinite_ok: bool = False
-
-    def problem(self, value: Any) -> str | None:
-        kind = "an integer" if isinstance(value, int) else "a number"
-        bounds = []
-        if self.low is not None:
-            bounds.append(f"{'>' if self.strict else '>='} {number(self.low)}")
-        if self.high is not None:
-            bounds.append(f"<= {number(self.high)}")
-        want = f"{kind} {' and '.join(bounds)}".strip()
-        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not self.infinite_ok)):
-            return f"must be a finite number{' ' + ' and '.join(bounds) if bounds else ''}, got {value!r}"
-        if self.low is not None and (value <= self.low if self.strict else value < self.low):
-            return f"must be {want}, got {value!r}"
-        if self.high is not None and value > self.high:
-            return f"must be {want}, got {value!r}"
-        return None
-
-
-def number(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-@dataclass(frozen=True)
-class Choice:
-    values: tuple[str, ...]
-
-    def problem(self, value: Any) -> str | None:
-        if value not in self.values:
-            return f"{value!r} is not one of {', '.join(self.values)}{suggest(str(value), self.values)}"
-        return None
-
-
-@dataclass(frozen=True)
-class Text:
-    """A non-empty string (`no_slash`: usable as one path component)."""
-
-    no_slash: bool = False
-
-    def problem(self, value: Any) -> str | None:
-        if not value.strip():
-            return "must not be empty"
-        if self.no_slash and "/" in value:
-            return f"must not contain '/' (it names a directory), got {value!r}"
-        return None
-
-
-@dataclass(frozen=True)
-class Free:
-    """Any value of the field's type; `why` says where it is checked instead (or why any value works)."""
-
-    why: str
-
-    def problem(self, value: Any) -> str | None:
-        return None
-
-
-POSITIVE = Range(1)
-NON_NEGATIVE = Range(0)
-
-# The valid values of every field, by dotted key; null passes where the type allows it. A new field needs an entry here
-# (tests/test_config.py checks that every field has one). Cross-field rules are in `validate`.
-CHECKS: dict[str, Range | Choice | Text | Free] = {
-    "exp_name": Text(no_slash=True),
-    "seed": Range(0, 2**32 - 1),  # numpy seeds the data order with it
-    "datasets": Free("names checked against the loaders in validate"),
-    "data_files": Free("checked by normalize_data_files"),
-    "dataset_weights": Free("checked in validate"),
-    "model.name": Choice(tuple(MODEL_PRESETS)),
-    "model.name_or_path": Free("a hub id or directory, checked by check_model_source before loading"),
-    "model.tokenizer_name_or_path": Free("checked by check_model_source"),
-    "model.block_name": Free("checked against the model's classes under FSDP"),
-    "model.policy_dtype": Choice(DTYPES),
-    "model.fsdp_policy_mp": Choice(DTYPES),
-    "model.reference_dtype": Choice(DTYPES),
-    "model.archive": Free("must be an existing file, checked in validate"),
-    "model.random_init": Free("true or false"),
-    "model.trust_remote_code": Free("true or false"),
-    "model.device_map": Choice(("auto", "balanced", "balanced_low_0", "sequential")),
-    "model.attn_implementation": Free("transformers checks the kernel name when it builds the model"),
-    "loss.name": Free("sft, dpo or ipo, checked with the other loss keys in validate"),
-    "loss.beta": Free("a positive number, required for dpo and ipo (checked in validate)"),
-    "loss.label_smoothing": Free("a number in [0, 0.5), checked with the other loss keys in validate"),
-    "loss.reference_free": Free("true or false"),
-    "loss.normalize": Choice(("example", "token")),
-    "loss.supervised_logits_only": Free("true or false"),
-    "loss.logits_chunk_tokens": POSITIVE,
-    "batch_size": POSITIVE,
-    "eval_batch_size": POSITIVE,
-    "gradient_accumulation_steps": POSITIVE,
-    "lr": Range(0, strict=True),
-    "optimizer": Free("a torch.optim class, checked in validate"),
-    "warmup_steps": NON_NEGATIVE,
-    "max_grad_norm": Range(0, strict=True, infinite_ok=True),  # inf: no clipping; a negative norm would flip the gradients
-    "max_length": Range(2),  # at least one prompt or response token plus EOS; the model's positions bound it from above
-    "max_prompt_length": NON_NEGATIVE,
-    "n_epochs": POSITIVE,
-    "n_examples": POSITIVE,
-    "n_eval_examples": POSITIVE,
-    "eval_every": POSITIVE,
-    "do_first_eval": Free("true or false"),
-    "sample_during_eval": Free("true or false"),
-    "n_eval_model_samples": NON_NEGATIVE,
-    "sample_greedy": Free("true or false"),
-    "max_new_tokens": POSITIVE,
-    "minimum_log_interval_secs": NON_NEGATIVE,
-    "local_dirs": Free("the first writable entry is used; the last is created otherwise"),
-    "run_dir": Free("checked for an earlier run and a lock when the run starts"),
-    "resume_from": Free("checked in validate and when the run starts"),
-    "keep_last": POSITIVE,
-    "max_updates_this_run": POSITIVE,
-    "debug": Free("true or false"),
-    "activation_checkpointing": Free("true or false"),
-    "compile": Free("true or false (needs model.block_name, checked in validate; the toolchain in check_setup)"),
-    "export": Free("true or false"),
-    "packing": Free("true or false"),
-    "batching": Choice(("reference", "length_bucketed")),
-    "length_bucket_window": POSITIVE,
-    "tokenize_num_proc": POSITIVE,
-    "data_num_proc": POSITIVE,
-    "cache_node_local": Free("true, false, or null to detect it from the file system"),
-    "save_full_optimizer": Free("true or false"),
-    "allow_tf32": Free("true or false"),
-    "save_every_minutes": Range(0, strict=True),
-    "dist_timeout_minutes": Range(0, strict=True),
-    "overwrite": Free("true or false"),
-    "resume_force": Free("true or false"),
-    "lora.enabled": Free("true or false"),
-    "lora.r": Free("an integer >= 1 (checked with the other lora keys)"),
-    "lora.alpha": Free("a positive number (checked with the other lora keys)"),
-    "lora.dropout": Free("a number in [0, 1) (checked with the other lora keys)"),
-    "lora.target_modules": Free("module names, or [all-linear]"),
-    "lora.quantize": Free("4bit or null"),
-    "reference_logps": Free("live or precompute (checked in validate)"),
-    "lr_schedule": Free("constant, linear or cosine (checked with the schedule)"),
-    "min_lr_ratio": Free("a number in [0, 1] (checked with the schedule)"),
-    "warmup_ratio": Free("a number in [0, 1) or null (checked with the schedule)"),
-    "wandb.enabled": Free("true or false"),
-    "wandb.entity": Free("any wandb entity"),
-    "wandb.project": Text(),
-}
-
-
 def config_fields(cls: type = Config, prefix: str = "") -> list[str]:
     """Dotted keys of every leaf field of the tree."""
     hints = typing.get_type_hints(cls)
@@ -637,257 +477,6 @@ def config_fields(cls: type = Config, prefix: str = "") -> list[str]:
         else:
             out.append(prefix + f.name)
     return out
-
-
-def check_ranges(config: Config) -> None:
-    """Every field against CHECKS (lists element-wise); the first bad value raises, naming its key."""
-    for key in config_fields():
-        check = CHECKS.get(key)
-        value: Any = config
-        for part in key.split("."):
-            value = getattr(value, part)
-        if check is None or value is None:
-            continue
-        for item in value if isinstance(value, list) else [value]:
-            problem = check.problem(item)
-            if problem:
-                raise ConfigError(f"{key}: {problem}")
-
-
-def normalize_data_files(data_files: dict[str, Any], datasets: list[str], warn: typing.Callable[[str], None]) -> dict[str, dict[str, list[str]]]:
-    """`data_files` as {dataset: {split: [patterns]}}. A bare `data_files.hh=PATH` serves both splits (with a warning)."""
-    out: dict[str, dict[str, list[str]]] = {}
-    for name, spec in data_files.items():
-        if name not in datasets:
-            raise ConfigError(f"data_files.{name}: {name!r} is not in datasets={datasets}{suggest(name, datasets, 'data_files.')}")
-        if isinstance(spec, (str, list)):
-            if name != "se":  # se has one source split that the loader divides itself
-                warn(f"data_files.{name} names no split: the same files serve as both train and test data")
-            spec = {"train": spec, "test": spec}
-        if not isinstance(spec, dict):
-            raise ConfigError(f"data_files.{name}: expected a path, a list of paths or {{train: ..., test: ...}}, got {spec!r}")
-        for split, paths in spec.items():
-            if split not in DATASET_SPLITS:
-                raise ConfigError(f"data_files.{name}.{split}: unknown split{suggest(str(split), DATASET_SPLITS, f'data_files.{name}.')}; use train or test")
-            if isinstance(paths, str):
-                paths = [paths]
-            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths) or not paths:
-                raise ConfigError(f"data_files.{name}.{split}: expected a path or a list of paths, got {paths!r}")
-        out[name] = {split: ([p] if isinstance(p, str) else list(p)) for split, p in spec.items()}
-    return out
-
-
-# Attention kernels that keep packed examples apart within rows (data/packing.py, tests/test_packing.py); flash kernels get
-# one flattened row instead.
-PACKED_ROW_KERNELS = ("sdpa_packed", "sdpa", "eager")
-
-
-def is_flash_attention(attn_implementation: str | None) -> bool:
-    """transformers' flash-attention kernels: flash_attention_2/3, hub kernels such as kernels-community/flash-attn2."""
-    return attn_implementation is not None and "flash" in attn_implementation
-
-
-def validate(config: Config, num_processes: int = 1) -> None:
-    """Cross-field checks, run before any model or data is loaded."""
-    if not config.exp_name:
-        raise ConfigError("exp_name is required (e.g. exp_name=my_run)")
-    check_ranges(config)
-    m = config.model
-    if m.name == "blank_model" and not m.name_or_path:
-        raise ConfigError("model.name_or_path is required with model=blank_model (a hub id or a local model directory)")
-    if m.archive is not None and not Path(m.archive).is_file():
-        raise ConfigError(f"model.archive: file not found: {m.archive}")
-    if m.random_init and m.archive is None and m.name_or_path and not Path(m.name_or_path).is_dir():
-        raise ConfigError(f"model.random_init needs model.name_or_path to be a local directory with config.json, got {m.name_or_path!r}")
-    loss = config.loss
-    if loss.name not in LOSSES:
-        raise ConfigError(f"loss.name: {loss.name!r}{suggest(loss.name, LOSSES)} is not one of {', '.join(LOSSES)}")
-    if loss.name in PREFERENCE_LOSSES:
-        if loss.beta is None:
-            raise ConfigError(f"loss.beta is required with loss.name={loss.name} (e.g. loss.beta=0.1)")
-        if not loss.beta > 0:
-            raise ConfigError(f"loss.beta must be positive, got {loss.beta}")
-    if not 0 <= loss.label_smoothing < 0.5:
-        raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing}")
-    if loss.name != "dpo" and (loss.label_smoothing or loss.reference_free):
-        key = "loss.label_smoothing" if loss.label_smoothing else "loss.reference_free"
-        raise ConfigError(f"{key} applies to loss.name=dpo only, not {loss.name}")
-    if config.reference_logps not in ("live", "precompute"):
-        raise ConfigError(f"reference_logps: {config.reference_logps!r} must be `live` or `precompute`")
-    if config.loss.normalize not in ("example", "token"):
-        raise ConfigError(f"loss.normalize: {config.loss.normalize!r} must be `example` or `token`")
-    if config.loss.logits_chunk_tokens <= 0:
-        raise ConfigError(f"loss.logits_chunk_tokens must be positive, got {config.loss.logits_chunk_tokens}")
-    if config.packing and not (m.attn_implementation in PACKED_ROW_KERNELS or is_flash_attention(m.attn_implementation)):
-        raise ConfigError(f"packing=true with model.attn_implementation={m.attn_implementation}: that kernel is not known to "
-                          f"keep packed examples apart; use one of {', '.join(PACKED_ROW_KERNELS)}, a flash-attention kernel "
-                          "(flash_attention_2) or packing=false")
-    if not config.datasets:
-        raise ConfigError("datasets: give at least one dataset")
-    for name in config.datasets:
-        if name not in DATASET_NAMES:
-            raise ConfigError(f"datasets: unknown dataset {name!r}{suggest(name, DATASET_NAMES)}; choose from {', '.join(DATASET_NAMES)}")
-    if config.max_prompt_length > config.max_length:
-        raise ConfigError(f"max_prompt_length ({config.max_prompt_length}) must not exceed max_length ({config.max_length})")
-    if config.eval_every < config.batch_size:
-        raise ConfigError(f"eval_every ({config.eval_every}) is counted in examples and must be at least one batch "
-                          f"(batch_size={config.batch_size}); an eval and a checkpoint every update is eval_every={config.batch_size}")
-    if config.n_examples is not None and config.n_examples < config.batch_size:
-        raise ConfigError(f"n_examples ({config.n_examples}) is less than one batch (batch_size={config.batch_size}): nothing would train")
-    if config.n_eval_examples < config.eval_batch_size:
-        raise ConfigError(f"n_eval_examples ({config.n_eval_examples}) is less than one eval batch "
-                          f"(eval_batch_size={config.eval_batch_size}): the eval would score nothing")
-    check_schedule(config)
-    check_lora(config.lora)
-    if config.compile and not m.block_name:
-        raise ConfigError("compile=true compiles each transformer block: set model.block_name (e.g. LlamaDecoderLayer)")
-    if config.n_epochs is None and config.n_examples is None:
-        raise ConfigError("set n_epochs or n_examples (training stops at whichever comes first)")
-    step = config.gradient_accumulation_steps * num_processes
-    if config.batch_size % step:
-        raise ConfigError(
-            f"batch_size ({config.batch_size}) must be divisible by gradient_accumulation_steps x processes "
-            f"({config.gradient_accumulation_steps} x {num_processes} = {step})"
-        )
-    if config.eval_batch_size % num_processes:
-        raise ConfigError(f"eval_batch_size ({config.eval_batch_size}) must be divisible by the number of processes ({num_processes})")
-    if not hasattr(__import__("torch").optim, config.optimizer):
-        import torch.optim
-
-        names = [n for n in dir(torch.optim) if n[0].isupper() and isinstance(getattr(torch.optim, n), type)]
-        raise ConfigError(f"optimizer: torch.optim has no {config.optimizer!r}{suggest(config.optimizer, names)}")
-    if config.resume_from not in (None, "auto") and not Path(config.resume_from).is_dir():
-        raise ConfigError(f"resume_from: checkpoint directory not found: {config.resume_from}")
-    if config.resume_from == "auto" and config.run_dir is None:
-        raise ConfigError("resume_from=auto needs run_dir=PATH (the run to continue)")
-    normalize_data_files(config.data_files, config.datasets, lambda msg: None)
-    for name, weight in config.dataset_weights.items():
-        if name not in config.datasets:
-            raise ConfigError(f"dataset_weights.{name}: {name!r} is not in datasets={config.datasets}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
-            raise ConfigError(f"dataset_weights.{name}: expected a non-negative number, got {weight!r}")
-
-
-def check_stage(config: Config, script: str) -> None:
-    """Each script trains its own objectives: sft_train.py `sft`, dpo_train.py `dpo` and `ipo`."""
-    wanted = PREFERENCE_LOSSES if script == "dpo_train.py" else ("sft",)
-    if config.loss.name not in wanted:
-        other = "sft_train.py" if script == "dpo_train.py" else "dpo_train.py"
-        raise ConfigError(f"loss.name={config.loss.name} is trained by {other}; {script} trains loss.name={' or '.join(wanted)}")
-    if script == "dpo_train.py" and config.batching != "reference":
-        raise ConfigError(f"batching={config.batching} is for SFT examples; preference pairs use batching=reference")
-POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
-
-
-def check_model_source(config: Config) -> None:
-    """The model and tokenizer are where the config says, and max_length fits the model's positions: read from config.json
-    (local directory or the hub cache), never from the weights. Hub ids not in the cache fail at once when offline."""
-    m = config.model
-    model_json = None
-    for key, source in (("model.name_or_path", m.name_or_path), ("model.tokenizer_name_or_path", m.tokenizer_name_or_path)):
-        if source is None:
-            continue
-        found = locate_model_file(key, source, "config.json" if key == "model.name_or_path" else "tokenizer_config.json")
-        if key == "model.name_or_path":
-            model_json = found
-    if model_json is None:
-        return
-    try:
-        with open(model_json) as f:
-            model_config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.name_or_path: cannot read {model_json} ({e})") from None
-    sub = model_config.get("text_config") if isinstance(model_config.get("text_config"), dict) else {}
-    for key in POSITION_KEYS:
-        limit = model_config.get(key, sub.get(key))
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-            if config.max_length > limit:
-                raise ConfigError(f"max_length ({config.max_length}) exceeds the {limit} positions of {m.name_or_path} "
-                                  f"({key} in its config.json); set max_length={limit} or less")
-            return
-
-
-def locate_model_file(key: str, source: str, filename: str) -> Path | None:
-    """The local path of `filename` of a model directory or cached hub repo; None when it may still be downloaded."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if key == "model.name_or_path" and not (path / "config.json").is_file():
-            raise ConfigError(f"{key}: {source} is a directory without config.json, so not a model directory")
-        return path / filename if (path / filename).is_file() else None
-    if source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith("/") or path.exists():
-        raise ConfigError(f"{key}: no model directory at {source}")
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    try:
-        cached = try_to_load_from_cache(source, filename)
-    except Exception as e:  # an id that is not a valid repo name
-        raise ConfigError(f"{key}: {source!r} is neither a local directory nor a valid hub id ({one_line(e)})") from None
-    if isinstance(cached, str):
-        return Path(cached)
-    if constants.HF_HUB_OFFLINE:
-        raise ConfigError(f"{key}: {source!r} is not a local directory and not in the hub cache, and HF_HUB_OFFLINE is set; "
-                          f"download it once online (or unset HF_HUB_OFFLINE), or give a local directory")
-    if not hub_reachable(constants.ENDPOINT):
-        raise ConfigError(f"{key}: {source!r} is not a local directory or in the hub cache, and {constants.ENDPOINT} cannot be "
-                          "reached; on a machine without network give a local directory (and set HF_HUB_OFFLINE=1)")
-    return None
-
-
-def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """A quick TCP connect to the hub; with a proxy configured, assume it is reachable (the proxy decides)."""
-    import socket
-    from urllib.parse import urlparse
-
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(endpoint)
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
-
-
-SCHEDULES = ("constant", "linear", "cosine")
-
-
-def check_schedule(config: Config) -> None:
-    if not config.lr > 0:
-        raise ConfigError(f"lr must be positive, got {config.lr}")
-    if config.lr_schedule not in SCHEDULES:
-        raise ConfigError(f"lr_schedule: {config.lr_schedule!r} is not one of {', '.join(SCHEDULES)}"
-                          f"{suggest(config.lr_schedule, SCHEDULES)}")
-    if config.warmup_steps < 0:
-        raise ConfigError(f"warmup_steps must be at least 0, got {config.warmup_steps}")
-    if config.warmup_ratio is not None and not 0 <= config.warmup_ratio < 1:
-        raise ConfigError(f"warmup_ratio must be in [0, 1) or null, got {config.warmup_ratio}")
-    if not 0 <= config.min_lr_ratio <= 1:
-        raise ConfigError(f"min_lr_ratio must be in [0, 1], got {config.min_lr_ratio}")
-    if (config.lr_schedule != "constant" or config.warmup_ratio is not None) and config.n_epochs is None and config.n_examples is None:
-        what = f"lr_schedule={config.lr_schedule}" if config.lr_schedule != "constant" else "warmup_ratio"
-        raise ConfigError(f"{what} needs the run's length: set n_epochs or n_examples")
-
-
-QUANTIZE = ("4bit",)
-
-
-def check_lora(lora: LoraConfig) -> None:
-    if lora.r < 1:
-        raise ConfigError(f"lora.r must be at least 1, got {lora.r}")
-    if not lora.alpha > 0:
-        raise ConfigError(f"lora.alpha must be positive, got {lora.alpha}")
-    if not 0 <= lora.dropout < 1:
-        raise ConfigError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
-    if not lora.target_modules or not all(lora.target_modules):
-        raise ConfigError(f"lora.target_modules: give module names or [all-linear], got {lora.target_modules}")
-    if lora.quantize is not None and lora.quantize not in QUANTIZE:
-        raise ConfigError(f"lora.quantize: {lora.quantize!r} is not one of {', '.join(QUANTIZE)} or null")
-    if lora.quantize is not None and not lora.enabled:
-        raise ConfigError("lora.quantize=4bit quantizes the frozen base of a LoRA run: set lora.enabled=true")
 
 
 def default_run_dir(config: Config) -> Path:

@@ -11,7 +11,7 @@
         state.run = run_signature(config, data_fingerprint)   # recorded in every checkpoint, compared on resume
         with restored_signal_handlers():
             finished = train(config, accelerator, model, optimizer, scheduler, plans, n_planned, state, run_dir, logger,
-                             train_step=..., evaluate=...)
+                             train_step=..., evaluate=..., script=...)   # script: what the continue command runs
 
 A script supplies only what its objective changes: `train_step(examples) -> metrics` (one optimizer step over the global
 batch, built from `micro_batches` and `optimizer_step`) and `evaluate() -> metrics`. Everything else (eval cadence,
@@ -173,11 +173,12 @@ def should_eval(config: Config, state: TrainState, interval: int) -> bool:
 
 def train(config: Config, accelerator, model, optimizer, scheduler, plans: Iterable, n_planned: int, state: TrainState,
           run_dir: Path, logger, *, train_step: Callable[[list[int]], dict], evaluate: Callable[[], dict],
-          script: str = "sft_train.py") -> bool:
+          script: str) -> bool:
     """Eval (every eval_every examples), save step-N, train one batch; at the end a final eval and LATEST.
 
     `plans` are the remaining training batches (data/batches.py BatchPlan: epoch, offset, indices, examples_counted), of
-    `n_planned` in the whole run. Returns False when a stop request ended the run early (LATEST saved), True when it finished.
+    `n_planned` in the whole run. `script` (the entry script's name) starts the continue command printed after a stop.
+    Returns False when a stop request ended the run early (LATEST saved), True when it finished.
     """
     interval = eval_interval(config)
     finished = config.n_examples is not None and state.examples_counted >= config.n_examples
@@ -441,14 +442,19 @@ def generate_samples(config, accelerator, model, tokenizer, eval_data, eval_batc
     return rows[: len(indices)]
 
 
-def start_run(args: list[str], script: str, usage: str, build_accelerator):
-    """What a training script checks before any tokenizer, data or model is loaded: the config and its ranges, the objective
-    of `script`, the model's config.json, the parallel setup, the checkpoint to resume and the run directory. None when
-    `--help` was asked for (printed here), else (config, accelerator, data_files, resume_dir, saved_run, run_dir)."""
+def start_run(args: list[str], losses: tuple[str, ...], usage: str, build_accelerator):
+    """What a training script checks before any tokenizer, data or model is loaded: the config and its ranges, that its stage
+    trains the configured loss (one of `losses`), the model's config.json, the parallel setup, the checkpoint to resume and the
+    run directory. A null model.attn_implementation is picked here, where the device and the parallel mode are known
+    (training/attention.py). None when `--help` was asked for (printed here), else
+    (config, accelerator, data_files, resume_dir, saved_run, run_dir)."""
+    from training.attention import resolve_attention
+    from training.checks import check_stage, normalize_data_files, validate
     from training.cli import config_help, help_requested
-    from training.config import check_model_source, check_stage, load_config, normalize_data_files, validate
+    from training.config import load_config
     from training.distributed import check_setup, raise_open_file_limit, set_matmul_precision
     from training.logger import check_wandb_credentials
+    from training.model_source import check_model_source
 
     wants_help, section = help_requested(args)
     if wants_help:
@@ -457,8 +463,9 @@ def start_run(args: list[str], script: str, usage: str, build_accelerator):
     config = load_config(args)
     check_wandb_credentials(config)
     accelerator = build_accelerator(config)
+    resolve_attention(config, accelerator.device.type, parallel_mode(accelerator) == "fsdp")
     validate(config, data_parallel(accelerator)[1])
-    check_stage(config, script)
+    check_stage(config, losses)
     check_model_source(config)  # model directory or hub cache, max_length within the model's positions: config.json only
     check_setup(config, accelerator)  # FSDP block name, TP plan, device_map: fail before loading anything
     check_compile(config, accelerator.device, parallel_mode(accelerator))  # compile=true: inductor's toolchain is here

@@ -21,15 +21,14 @@ import math
 
 import torch
 
-from training.config import SCHEDULES, Config, ConfigError
+from training.config import Config, ConfigError
 
 
 class LRFactor:
     """factor(k) of the module docstring. Plain fields only: LambdaLR.state_dict() stores them, load_state_dict() restores them."""
 
     def __init__(self, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float):
-        if schedule not in SCHEDULES:
-            raise ValueError(f"lr_schedule: {schedule!r} is not one of {', '.join(SCHEDULES)}")
+        # schedule: one of training/checks.py SCHEDULES (lr_schedule in CHECKS)
         self.schedule, self.warmup_steps, self.total_steps, self.min_lr_ratio = schedule, warmup_steps, total_steps, min_lr_ratio
 
     def __call__(self, k: int) -> float:
