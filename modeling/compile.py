@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from training.adapters import unwrap
 from training.compilation import reset_counts
 
 COMPILED_LOSS = "_sft_compiled_loss"  # attribute of the transformers model: modeling/loss.py then uses its compiled chunk
@@ -36,8 +37,6 @@ def compile_model(config, model: torch.nn.Module) -> int:
     does nothing (0) unless config.compile."""
     if not config.compile:
         return 0
-    from modeling.loss import unwrap
-
     blocks = [m for m in model.modules() if type(m).__name__ == config.model.block_name]
     if not blocks:
         raise ValueError(f"compile=true: no module of class {config.model.block_name!r} (model.block_name) in "

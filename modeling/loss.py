@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from modeling.packed_attention import HostSpans  # importing it registers model.attn_implementation=sdpa_packed
 from modeling.compile import COMPILED_LOSS
+from training.adapters import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -242,15 +243,6 @@ def example_owner(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, 
         owner = batch["example_index"]
         return owner, int(owner.max()) + 1
     return None, batch["labels"].shape[0]
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP/FSDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
 
 
 def transforms_logits(model: torch.nn.Module) -> bool:

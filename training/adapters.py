@@ -23,8 +23,9 @@ def is_lora_key(key: str) -> bool:
     return f".lora_A.{ADAPTER}." in key or f".lora_B.{ADAPTER}." in key
 
 
-def peft_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The peft model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers (FSDP2 wraps in place)."""
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers (or peft) model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers (FSDP2 wraps in
+    place)."""
     while True:
         inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
         if not isinstance(inner, torch.nn.Module):
@@ -37,7 +38,7 @@ def adapter_layout(model: torch.nn.Module) -> dict[str, tuple[float, bool]]:
     from peft.tuners.lora import LoraLayer
 
     layout = {}
-    for name, module in peft_model(model).named_modules():
+    for name, module in unwrap(model).named_modules():
         if isinstance(module, LoraLayer):
             for prefix in WRAPPERS:
                 name = name.replace(prefix, "")
@@ -79,7 +80,7 @@ def dequantized(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[
     from peft.tuners.lora import LoraLayer
 
     dense = {}
-    for name, module in peft_model(model).named_modules():
+    for name, module in unwrap(model).named_modules():
         weight = getattr(getattr(module, "base_layer", None), "weight", None)
         if isinstance(module, LoraLayer) and getattr(weight, "quant_state", None) is not None:
             import bitsandbytes.functional as bnbf
