@@ -12,7 +12,7 @@ import glob
 import gzip
 import json
 import os
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from training.errors import UserError
 from training.files import json_lines
@@ -53,6 +53,17 @@ def iter_rows(paths: list[str]) -> Iterator[tuple[str, dict]]:
             yield from _json_rows(path)
         else:
             raise DataError(f"{path}: unsupported file type (use .jsonl, .json, .jsonl.gz, .json.gz or .parquet)")
+
+
+def split_rows(hub_name: str, split: str, files: list[str] | None, cache_dir: str | None) -> Iterable[tuple[str, dict]]:
+    """`(where, row)` for every row of one split: from local files (the rows of that split) or, with files=None, from the
+    hub dataset `hub_name`."""
+    if files is not None:
+        return iter_rows(resolve_paths(files))
+    import datasets  # imported here: slow, and only the hub path needs it
+
+    dataset = datasets.load_dataset(hub_name, split=split, cache_dir=cache_dir)
+    return ((f"{hub_name}:{split} row {i}", row) for i, row in enumerate(dataset))
 
 
 def require_str(where: str, row: dict, field: str) -> str:
