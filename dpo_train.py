@@ -35,6 +35,7 @@ from modeling.compile import compile_model
 from modeling.export import finish_run
 from modeling.load import load_model, load_tokenizer
 from modeling.lora import add_adapters
+from modeling.reference_logps import ReferenceLogps
 from training.adapters import trainable_parameters
 from training.cli import run_main
 from training.checks import PREFERENCE_LOSSES
@@ -49,7 +50,6 @@ from training.loop import (build_optimizer, start_run, claimed_run_dir, gather_o
 from training.rundir import check_resume, run_signature
 from training.schedule import check_length
 from training.plots import plot_run_or_warn
-from training.reference_logps import ReferenceLogps
 from training.throughput import step_throughput
 
 log = logging.getLogger("dpo")

@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from training.files import fsync, pid_alive
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -58,7 +60,7 @@ def write_entry(path: str | Path, write: Callable[[Path], None]) -> bool:
                 raise
             # another process published the same entry first; it is identical
         else:
-            fsync_path(path.parent)
+            fsync(path.parent)
         return True
     except OSError as e:
         log.warning("could not write the cache entry %s (%s); continuing without it", path, e)
@@ -93,24 +95,6 @@ def clean_orphans(parent: Path) -> list[Path]:
     return removed
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(root: Path) -> None:
     """Every file's data, then every directory's entries, so the rename never publishes unwritten blocks.
 
@@ -123,5 +107,5 @@ def fsync_tree(root: Path) -> None:
         files.extend(Path(dirpath, name) for name in filenames)
         directories.append(Path(dirpath))
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(files)))) as pool:
-        list(pool.map(fsync_path, files))  # all file data first (list() re-raises the first error)
-        list(pool.map(fsync_path, directories))
+        list(pool.map(fsync, files))  # all file data first (list() re-raises the first error)
+        list(pool.map(fsync, directories))

@@ -24,6 +24,8 @@ import random
 import re
 from pathlib import Path
 
+from training.files import json_lines
+
 OUT_DIR = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 EOS = "<|endoftext|>"
 N_TRAIN = 12000  # most of the ~17k distinct prompts: too few rows lets the model memorise before it learns to copy
@@ -195,7 +197,7 @@ def score_run(run_dir: str | Path) -> tuple[int, int, int]:
     path = Path(run_dir) / "samples.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no samples (was the run made with sample_during_eval=true?)")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [row for _, row in json_lines(path, path.read_text(encoding="utf-8").splitlines())]
     if not rows:
         raise ValueError(f"{path}: no samples")
     last = max(r["examples_seen"] for r in rows)

@@ -12,9 +12,10 @@ import glob
 import gzip
 import json
 import os
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from training.errors import UserError
+from training.files import json_lines
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 
@@ -54,6 +55,17 @@ def iter_rows(paths: list[str]) -> Iterator[tuple[str, dict]]:
             raise DataError(f"{path}: unsupported file type (use .jsonl, .json, .jsonl.gz, .json.gz or .parquet)")
 
 
+def split_rows(hub_name: str, split: str, files: list[str] | None, cache_dir: str | None) -> Iterable[tuple[str, dict]]:
+    """`(where, row)` for every row of one split: from local files (the rows of that split) or, with files=None, from the
+    hub dataset `hub_name`."""
+    if files is not None:
+        return iter_rows(resolve_paths(files))
+    import datasets  # imported here: slow, and only the hub path needs it
+
+    dataset = datasets.load_dataset(hub_name, split=split, cache_dir=cache_dir)
+    return ((f"{hub_name}:{split} row {i}", row) for i, row in enumerate(dataset))
+
+
 def require_str(where: str, row: dict, field: str) -> str:
     """`row[field]`, which must be a string; otherwise a DataError naming where the row came from."""
     if field not in row:
@@ -89,30 +101,23 @@ def _json_rows(path: str) -> Iterator[tuple[str, dict]]:
                 # A .json file is either JSON lines or one array; peek at the first non-blank character to tell.
                 data = f.read()
                 if data.lstrip().startswith(b"["):
-                    yield from _json_array_rows(path, _decode(path, data, 0))
+                    yield from _json_array_rows(path, _decode(path, data))
                     return
                 lines = iter(data.splitlines())
             else:
                 lines = f
-            for line_no, raw in enumerate(lines, start=1):
-                line = _decode(path, raw, line_no)  # line by line, so a bad byte is reported on its own line
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: invalid JSON at column {e.colno} ({e.msg})") from None
+            for line_no, row in json_lines(path, lines, DataError):
                 yield f"{path}:{line_no}", _check_object(f"{path}:{line_no}", row)
     except (gzip.BadGzipFile, EOFError) as e:
         raise DataError(f"{path}: corrupt gzip file after line {line_no} ({e})") from None
 
 
-def _decode(path: str, raw: bytes, line_no: int) -> str:
+def _decode(path: str, data: bytes) -> str:
+    """A whole-file JSON array as text; a bad byte is reported with the number of its line."""
     try:
-        return raw.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        if not line_no:  # a whole-file JSON array: count the lines up to the bad byte
-            line_no = raw.count(b"\n", 0, e.start) + 1
+        line_no = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") from None
 
 
@@ -120,7 +125,7 @@ def _json_array_rows(path: str, text: str) -> Iterator[tuple[str, dict]]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON at column {e.colno} ({e.msg})") from None
+        raise DataError(f"{path}:{e.lineno}: not valid JSON at column {e.colno} ({e.msg})") from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON array of objects or one object per line")
     for i, row in enumerate(rows):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
 
-from data.files import DataError, iter_rows, resolve_paths, require_str
+from data.files import DataError, require_str, split_rows
 
 if TYPE_CHECKING:
     from data.records import Record
@@ -48,9 +48,4 @@ def hh_records(rows: Iterable[tuple[str, dict]]) -> dict[str, Record]:
 
 def load_hh(split: str, files: list[str] | None = None, cache_dir: str | None = None) -> dict[str, Record]:
     """Records of one split: from local files (the rows of that split) or, with files=None, from the hub dataset."""
-    if files is not None:
-        return hh_records(iter_rows(resolve_paths(files)))
-    import datasets  # imported here: slow, and only the hub path needs it
-
-    dataset = datasets.load_dataset(HUB_NAME, split=split, cache_dir=cache_dir)
-    return hh_records((f"{HUB_NAME}:{split} row {i}", row) for i, row in enumerate(dataset))
+    return hh_records(split_rows(HUB_NAME, split, files, cache_dir))

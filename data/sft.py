@@ -62,16 +62,9 @@ def reweight(rows: list, weight: float, rng: random.Random) -> list:
     return rows * copies + [rows[i] for i in sorted(rng.sample(range(len(rows)), rest))]
 
 
-def sft_examples(
-    names: list[str],
-    split: str,
-    data_files: dict[str, dict[str, list[str]]],
-    cache_dir: str | None,
-    weights: dict[str, float] | None = None,
-    seed: int = 0,
-    data_num_proc: int | None = None,
-) -> datasets.Dataset:
-    return as_dataset(sft_columns(names, split, data_files, cache_dir, weights, seed, data_num_proc))
+def sft_examples(*args, **kwargs) -> datasets.Dataset:
+    """`sft_columns(...)` as a Dataset."""
+    return as_dataset(sft_columns(*args, **kwargs))
 
 
 def sft_columns(

@@ -46,13 +46,17 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
 
 def pair_metrics(split: str, losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
                  policy_chosen: torch.Tensor, policy_rejected: torch.Tensor) -> dict[str, float]:
-    """Means over all pairs of the step (or the eval set) under the reference's names; split is `train` or `eval`."""
+    """Means over all pairs of the step (or the eval set) under the reference's names; split is `train` or `eval`. The means
+    are taken in float64, as the reference averages its per-pair values as Python floats."""
+    def mean(values: torch.Tensor) -> float:
+        return values.double().mean().item()
+
     return {
-        f"rewards_{split}/chosen": chosen_rewards.mean().item(),
-        f"rewards_{split}/rejected": rejected_rewards.mean().item(),
-        f"rewards_{split}/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-        f"rewards_{split}/margins": (chosen_rewards - rejected_rewards).mean().item(),
-        f"logps_{split}/rejected": policy_rejected.mean().item(),
-        f"logps_{split}/chosen": policy_chosen.mean().item(),
-        f"loss/{split}": losses.mean().item(),
+        f"rewards_{split}/chosen": mean(chosen_rewards),
+        f"rewards_{split}/rejected": mean(rejected_rewards),
+        f"rewards_{split}/accuracies": mean((chosen_rewards > rejected_rewards).float()),
+        f"rewards_{split}/margins": mean(chosen_rewards - rejected_rewards),
+        f"logps_{split}/rejected": mean(policy_rejected),
+        f"logps_{split}/chosen": mean(policy_chosen),
+        f"loss/{split}": mean(losses),
     }

@@ -24,6 +24,7 @@ from modeling.export import build_model, load_policy, run_config
 from modeling.load import load_tokenizer
 from training.cli import run_main
 from training.errors import UserError
+from training.files import json_lines
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
@@ -43,24 +44,18 @@ class PromptsError(UserError, ValueError):
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a .jsonl file ({"prompt": ...} per line) or a text file (one per line); blank lines are skipped."""
     path = Path(path)
-    prompts = []
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise PromptsError(f"{path}: not valid UTF-8 ({e.reason})") from None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            prompts.append(line)
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PromptsError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise PromptsError(f"{path}:{number}: expected a JSON object with a \"prompt\" string")
-        prompts.append(row["prompt"])
+    if path.suffix != ".jsonl":
+        prompts = [line for line in text.splitlines() if line.strip()]
+    else:
+        prompts = []
+        for number, row in json_lines(path, text.splitlines(), PromptsError):
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise PromptsError(f"{path}:{number}: expected a JSON object with a \"prompt\" string")
+            prompts.append(row["prompt"])
     if not prompts:
         raise PromptsError(f"{path}: no prompts")
     return prompts

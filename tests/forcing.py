@@ -13,7 +13,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.parallelism_config import ParallelismConfig
 from accelerate.utils import DistributedType
 
-from training import distributed
+from training import distributed, state_dicts
 
 
 def forced_accelerator(mode: str, config) -> Accelerator:
@@ -36,8 +36,8 @@ def dumping_resume(resume, dump_path: str):
 
     def dump(config, path, model, optimizer, scheduler, accelerator, run_dir):
         state = resume(config, path, model, optimizer, scheduler, accelerator, run_dir)
-        policy = distributed.full_model_state(accelerator, model)
-        optim = distributed.full_optimizer_state(accelerator, model, optimizer)
+        policy = state_dicts.full_model_state(accelerator, model)
+        optim = state_dicts.full_optimizer_state(accelerator, model, optimizer)
         if accelerator.is_main_process:
             torch.save({"policy": policy, "optimizer": optim}, dump_path)
         return state

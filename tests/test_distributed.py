@@ -33,8 +33,9 @@ from accelerate.utils import DistributedType
 
 from training import checkpoint as ckpt
 from training.config import ConfigError, build_config
-from training.distributed import (block_candidates, check_setup, data_parallel, fsdp_plugin, ids_to_names, model_load_kwargs,
-                                  names_to_ids, prepare_model, raise_open_file_limit)
+from training.distributed import (block_candidates, check_setup, data_parallel, fsdp_plugin, model_load_kwargs, prepare_model,
+                                  raise_open_file_limit)
+from training.state_dicts import ids_to_names, names_to_ids
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "recipes" / "demo"

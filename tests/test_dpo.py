@@ -58,22 +58,28 @@ def assert_matches(golden: dict, ours: dict) -> None:
 
 
 @pytest.mark.slow
-def test_matches_the_reference_dpo_run_on_real_hh(hh_rows_path, reference_dir, tmp_path):
-    """Every train and eval metric of the reference's DPO run on the 300 real HH rows, started from the reference's own
-    transformers-4.29 SFT policy.pt: pair order, truncation, concatenated forward, loss, rewards, schedule and RMSprop."""
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_matches_the_reference_run_on_real_hh(loss, hh_rows_path, reference_dir, tmp_path):
+    """Every train and eval metric of the reference's DPO and IPO runs on the 300 real HH rows, started from the reference's
+    own transformers-4.29 SFT policy.pt: pair order, truncation, concatenated forward, summed log-probs, loss, rewards,
+    schedule and RMSprop. IPO's squared loss and clipped large gradients make it the most sensitive to how the summed
+    log-probs round (modeling/loss.py example_sums)."""
     run_dir = tmp_path / "run"
-    dpo_train.main(reference_dpo_args(hh_rows_path, reference_dir, run_dir))
-    golden = read_jsonl(reference_dir / "dpo" / "hh300_dpo_golden_metrics.jsonl")
+    dpo_train.main(reference_dpo_args(hh_rows_path, reference_dir, run_dir, **{"loss.name": loss}))
+    golden = read_jsonl(reference_dir / "dpo" / f"hh300_{loss}_golden_metrics.jsonl")
     ours = read_jsonl(run_dir / "metrics.jsonl")
     golden_train, ours_train = [g for g in golden if "loss/train" in g], [o for o in ours if "loss/train" in o]
     assert [g["_step_examples"] for g in golden_train] == [o["examples_seen"] for o in ours_train] == list(range(4, 81, 4))
     for g, o in zip(golden_train, ours_train):
         assert_matches(g, o)
     golden_eval, ours_eval = [g for g in golden if "loss/eval" in g], [o for o in ours if "loss/eval" in o]
+    assert [g["_step_examples"] for g in golden_eval] == [0, 40]
     assert [o["examples_seen"] for o in ours_eval] == [0, 40, 80]  # plus a final eval, so LATEST carries metrics
     for g, o in zip(golden_eval, ours_eval):
         assert_matches(g, o)
-    assert ours_eval[0]["loss/eval"] == pytest.approx(math.log(2), rel=1e-6)  # policy = reference at the start
+    at_start = math.log(2) if loss == "dpo" else (1 / (2 * 0.1)) ** 2  # policy = reference: h = 0
+    assert ours_eval[0]["loss/eval"] == pytest.approx(at_start, rel=1e-6)
+    assert ours_train[0]["loss/train"] == pytest.approx(at_start, rel=1e-6)
     assert ours_eval[0]["rewards_eval/accuracies"] == 0.0  # strict comparison of equal rewards
     latest = torch.load(run_dir / "LATEST" / "policy.pt", weights_only=True)
     assert latest["step_idx"] == 80 and latest["metrics"]["loss/eval"] == ours_eval[-1]["loss/eval"]

@@ -128,7 +128,7 @@ def build_cases(root: Path) -> tuple[list[dict], dict[str, str], dict[str, Path]
         "archive_missing": (sft + ["model.archive=/no/policy.pt"], "model.archive: file not found: /no/policy.pt"),
         # data: file and line
         "data_bad_utf8": (sft + [f"data_files.hh.train={bad_utf8}"] + data, f"{bad_utf8}:7: not valid UTF-8"),
-        "data_bad_json": (sft + [f"data_files.hh.train={bad_json}"] + data, f"{bad_json}:3: invalid JSON"),
+        "data_bad_json": (sft + [f"data_files.hh.train={bad_json}"] + data, f"{bad_json}:3: not valid JSON"),
         "data_missing_field": (sft + [f"data_files.hh.train={no_field}"] + data, f"{no_field}:2: missing field 'rejected'"),
         "data_eos_in_response": (sft + [f"data_files.hh.train={eos}"] + data, f"{eos}:4: the response text of example hh/train/3 contains the EOS token"),
         "data_chat_role": (sft + ["datasets=[jsonl]", "data_files={}", f"data_files.jsonl.train={chat}", f"data_files.jsonl.test={chat}"],

@@ -89,7 +89,7 @@ def test_rejected_is_cut_at_the_chosen_prompt_length():
 @pytest.mark.parametrize(
     "line, message",
     [
-        ('{"chosen": "\\n\\nHuman: q\\n\\nAssistant: a", "rejected": ', "invalid JSON"),
+        ('{"chosen": "\\n\\nHuman: q\\n\\nAssistant: a", "rejected": ', "not valid JSON"),
         ('{"chosen": "\\n\\nHuman: q\\n\\nAssistant: a"}', "missing field 'rejected'"),
         ('{"chosen": 5, "rejected": "x"}', "field 'chosen' must be a string, got int"),
         ('{"chosen": "\\n\\nHuman: q\\n\\nHelper: a", "rejected": "x"}', "no '\\\\n\\\\nAssistant:' turn"),

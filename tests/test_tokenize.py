@@ -250,7 +250,7 @@ def test_malformed_row_names_file_and_line_through_build_split(tokenizer, hh_pat
     lines[3] = lines[3][:-10]  # a cut-off JSON line
     bad = tmp_path / "hh.jsonl"
     bad.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=rf"{bad}:4: invalid JSON"):
+    with pytest.raises(DataError, match=rf"{bad}:4: not valid JSON"):
         build_split(["hh"], "train", {"hh": {"train": [str(bad)]}}, tokenizer, TokenizeSettings(64, 32), None)
 
 

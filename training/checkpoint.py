@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from training.errors import UserError
+from training.files import fsync
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def write_checkpoint(
         json.dump({"step_idx": step_idx, "written_at": time.time(), "metrics": metrics}, f)
         f.flush()
         os.fsync(f.fileno())
-    fsync_dir(tmp)  # the files' directory entries, before the rename publishes them
+    fsync(tmp)  # the files' directory entries, before the rename publishes them
     replace_dir(tmp, final)
     return final
 
@@ -146,17 +147,9 @@ def replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         os.rename(dst, old)
     os.rename(src, dst)
-    fsync_dir(dst.parent)
+    fsync(dst.parent)
     if old.exists():
         shutil.rmtree(old)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def recover(run_dir: Path) -> None:

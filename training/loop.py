@@ -40,8 +40,9 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from training import checkpoint as ckpt
 from training.config import Config, default_run_dir, save_config
-from training.distributed import (data_parallel, describe_setup, detached, full_model_state, full_optimizer_state,
-                                  load_full_state, load_sharded, parallel_mode, save_sharded, sharded, synced_generate)
+from training.distributed import data_parallel, describe_setup, parallel_mode, sharded, synced_generate
+from training.state_dicts import (detached, full_model_state, full_optimizer_state, load_full_state, load_sharded,
+                                  save_sharded)
 from training.adapters import checkpoint_weights
 from training.compilation import check_compile, compile_metrics, compile_report, eager
 from training.logger import console

@@ -9,12 +9,13 @@ were never logged is skipped. `build_figure(records, name)` returns the matplotl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from training.files import json_lines
 
 if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn: seconds off every training run's start
     from matplotlib.figure import Figure
@@ -40,14 +41,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such metrics file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    with open(path, "rb") as f:
+        for lineno, record in json_lines(path, f):
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             if not isinstance(record.get("examples_seen"), int) or isinstance(record["examples_seen"], bool):

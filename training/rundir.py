@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from training.config import Config, ConfigError
+from training.files import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -140,16 +141,6 @@ def read_lock(path: Path) -> dict[str, Any]:
         return holder if isinstance(holder, dict) else {}
     except (OSError, ValueError):
         return {}
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # Settings that fix the data order or what the counters (examples_seen, epoch, offset) and the optimizer state mean.

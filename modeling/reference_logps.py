@@ -31,7 +31,7 @@ from training.config import Config
 from training.distributed import data_parallel, gather_dp
 from training.logger import console
 
-FORMAT_VERSION = "reference-logps-v1"
+FORMAT_VERSION = "reference-logps-v2"  # v2: log-probs summed along the padded row (modeling/loss.py example_sums)
 CHUNK_BYTES = 1 << 24
 
 
