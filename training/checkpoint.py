@@ -299,6 +299,27 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def resolve_archive(archive: str) -> tuple[str, str | None]:
+    """model.archive as a policy.pt file: a file as given; a checkpoint directory (runs/x/LATEST, runs/x/step-N) gives its
+    policy.pt, a run directory (runs/x) its LATEST/policy.pt. Returns (file, a line saying which file, or None when the
+    file was given); CheckpointError says which file was expected where."""
+    path = Path(archive).expanduser()
+    if path.is_file():
+        return archive, None
+    expected = "a policy.pt file, a checkpoint directory holding one (runs/NAME/LATEST) or a run directory (runs/NAME)"
+    if not path.exists():
+        raise CheckpointError(f"model.archive: {archive} does not exist; expected {expected}")
+    if not path.is_dir():
+        raise CheckpointError(f"model.archive: {archive} is not a file or a directory; expected {expected}")
+    for candidate, kind in ((path / "policy.pt", "checkpoint directory"), (path / "LATEST" / "policy.pt", "run directory")):
+        if candidate.is_file():
+            return str(candidate), f"model.archive: {archive} is a {kind}; using {candidate}"
+    steps = step_dirs(path)
+    hint = f" (its newest checkpoint: {steps[-1] / 'policy.pt'})" if steps and (steps[-1] / "policy.pt").is_file() else ""
+    raise CheckpointError(f"model.archive: {archive} is a directory without {path / 'policy.pt'} or "
+                          f"{path / 'LATEST' / 'policy.pt'}{hint}; expected {expected}")
+
+
 def resolve_resume(resume_from: str, run_dir: str | Path | None) -> Path:
     """`auto` -> the newest complete checkpoint of run_dir that loads (a newer one that does not is skipped with a warning,
     so a restart loop does not stick on it); a path must be a complete checkpoint (run_dir may be unset)."""

@@ -43,6 +43,7 @@ from training.config import Config, default_run_dir, save_config
 from training.distributed import (data_parallel, describe_setup, detached, full_model_state, full_optimizer_state,
                                   load_full_state, load_sharded, parallel_mode, save_sharded, sharded, synced_generate)
 from training.adapters import checkpoint_weights
+from training.cli import last_line
 from training.compilation import check_compile, compile_metrics, compile_report, eager
 from training.logger import console
 from training.rundir import check_resume, claim_run_dir, on_main_process, run_signature
@@ -66,6 +67,9 @@ class TrainState:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal=USR1@600, sent ahead of the kill
+# A launcher forwards the signal it got (torchrun: SIGINT/SIGTERM) and SLURM's scancel signals every process of the step,
+# so the same request can arrive twice within milliseconds; only a signal this much later is a second Ctrl-C.
+REPEAT_SECONDS = 2.0
 
 
 class StopRequested:
@@ -74,6 +78,7 @@ class StopRequested:
 
     def __init__(self, max_updates: int | None = None, save_every_minutes: float | None = None):
         self.signal: int | None = None
+        self.signalled_at = 0.0
         self.max_updates, self.updates = max_updates, 0
         self.save_every = None if save_every_minutes is None else save_every_minutes * 60
         self.last_save = time.monotonic()
@@ -95,9 +100,11 @@ class StopRequested:
         self.last_save = time.monotonic()
 
     def handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C means now
-            raise KeyboardInterrupt
-        self.signal = signum
+        if self.signal is not None:
+            if time.monotonic() - self.signalled_at > REPEAT_SECONDS:  # a second Ctrl-C means now
+                raise KeyboardInterrupt
+            return  # the same request, delivered again by the launcher or the scheduler
+        self.signal, self.signalled_at = signum, time.monotonic()
         console.print(f"[yellow]received {signal.Signals(signum).name}: finishing this step, then saving LATEST[/yellow]")
 
 
@@ -209,8 +216,8 @@ def train(config: Config, accelerator, model, optimizer, scheduler, plans: Itera
             logger.close()
             if accelerator.is_main_process:
                 ckpt.writer.wait()
-                console.print(f"stopped at {state.examples_seen} examples; continue with: {continue_command(script, run_dir)}",
-                              soft_wrap=True, highlight=False)
+                last_line(f"stopped at {state.examples_seen} examples; continue with: {continue_command(script, run_dir)}",
+                          "stopped")
             return False
         if save_now and not (should_eval(config, state, interval) and not config.debug):  # else step-N comes next anyway
             save(config, accelerator, model, optimizer, scheduler, state, run_dir, "LATEST")
@@ -445,6 +452,7 @@ def start_run(args: list[str], script: str, usage: str, build_accelerator):
     """What a training script checks before any tokenizer, data or model is loaded: the config and its ranges, the objective
     of `script`, the model's config.json, the parallel setup, the checkpoint to resume and the run directory. None when
     `--help` was asked for (printed here), else (config, accelerator, data_files, resume_dir, saved_run, run_dir)."""
+    from training.architecture import check_architecture
     from training.cli import config_help, help_requested
     from training.config import check_model_source, check_stage, load_config, normalize_data_files, validate
     from training.distributed import check_setup, raise_open_file_limit, set_matmul_precision
@@ -457,9 +465,14 @@ def start_run(args: list[str], script: str, usage: str, build_accelerator):
     config = load_config(args)
     check_wandb_credentials(config)
     accelerator = build_accelerator(config)
+    if config.model.archive is not None:  # a run or checkpoint directory stands for its policy.pt
+        config.model.archive, note = ckpt.resolve_archive(config.model.archive)
+        if note and accelerator.is_main_process:
+            log.info(note)
     validate(config, data_parallel(accelerator)[1])
     check_stage(config, script)
     check_model_source(config)  # model directory or hub cache, max_length within the model's positions: config.json only
+    check_architecture(config.model)  # a model_type this transformers knows as a causal LM (or the model's own code)
     check_setup(config, accelerator)  # FSDP block name, TP plan, device_map: fail before loading anything
     check_compile(config, accelerator.device, parallel_mode(accelerator))  # compile=true: inductor's toolchain is here
     for note in (raise_open_file_limit(accelerator), set_matmul_precision(config, accelerator.device)):
