@@ -44,6 +44,7 @@ from training.distributed import (data_parallel, describe_setup, detached, full_
                                   load_full_state, load_sharded, parallel_mode, save_sharded, sharded, synced_generate)
 from training.adapters import checkpoint_weights
 from training.cli import last_line
+from training.errors import UserError
 from training.compilation import check_compile, compile_metrics, compile_report, eager
 from training.logger import console
 from training.rundir import check_resume, claim_run_dir, on_main_process, run_signature
@@ -87,13 +88,19 @@ class StopRequested:
 
     def after_update(self, accelerator) -> tuple[bool, bool]:
         """(stop now, save LATEST now)? All processes agree, as a signal may reach only some of them, clocks differ, and
-        saving is collective."""
+        saving is collective. A checkpoint write of the main process's background writer that failed stops every process
+        here (its one-line error on the main process), not at the next save."""
         self.updates += 1
         stop = self.signal is not None or self.updates == self.max_updates
         due = self.save_every is not None and time.monotonic() - self.last_save >= self.save_every
+        failed = accelerator.is_main_process and ckpt.writer.failed()
         if accelerator.num_processes > 1:
-            stop, due = (bool(x) for x in accelerator.reduce(torch.tensor([int(stop), int(due)], device=accelerator.device),
-                                                             "sum").tolist())
+            flags = torch.tensor([int(stop), int(due), int(failed)], device=accelerator.device)
+            stop, due, failed = (bool(x) for x in accelerator.reduce(flags, "sum").tolist())
+        if failed:
+            if accelerator.is_main_process:
+                ckpt.writer.wait()  # raises the write's error
+            raise UserError("the main process could not write a checkpoint (its error line says why)")
         return stop, due
 
     def saved(self) -> None:
@@ -304,7 +311,14 @@ def save(config, accelerator, model, optimizer, scheduler, state, run_dir, name)
     if is_sharded := sharded(accelerator):
         if main:
             ckpt.start_checkpoint(run_dir, name)  # before any process writes: save_sharded's first step is collective
-        save_sharded(model, optimizer, ckpt.tmp_dir(run_dir, name) / ckpt.RESUME_DIR)
+        try:
+            save_sharded(model, optimizer, ckpt.tmp_dir(run_dir, name) / ckpt.RESUME_DIR)
+        except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+            failure = ckpt.write_failure(run_dir, name, f"the sharded resume state in {ckpt.tmp_dir(run_dir, name) / ckpt.RESUME_DIR}",
+                                         e, clean=main)  # every process gets every process's failures
+            if failure is None:
+                raise
+            raise failure from e
     policy_state = full_model_state(accelerator, model)  # collective under FSDP/TP; {} except on the main process
     optimizer_state = full_optimizer_state(accelerator, model, optimizer) if not is_sharded or config.save_full_optimizer else None
     rng = gather_object([ckpt.rng_state()])  # one per process: ranks sample different prompts, so their generators differ
