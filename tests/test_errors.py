@@ -152,7 +152,7 @@ def test_an_archive_of_another_model_names_the_first_keys_and_the_counts(tmp_pat
     assert f"keys missing from the archive: {missing} (model.embed_tokens.weight, model.layers.0.self_attn.q_proj.weight, " \
            "model.layers.0.self_attn.k_proj.weight, ...)" in message
     assert f"keys the model does not have: {unexpected} (transformer.wte.weight, " in message
-    assert len(message) < 500 + 2 * len(str(tmp_path)) and "\n" not in message  # 20 and 28 keys, a few named
+    assert message.count("weight") <= 8 and "\n" not in message  # 3 of the 20 and 3 of the 28 keys, and one shape
 
 
 def lora_export(tmp_path: Path, **model) -> Path:
