@@ -19,8 +19,7 @@ import transformers
 
 from tests.tiny import REPO, tiny_model_dir
 from training import checkpoint as ckpt
-from training.architecture import architecture_problem
-from training.cli import EXIT_INTERRUPTED, run_main
+from training.cli import run_main
 from training.config import build_config
 
 DEMO = REPO / "recipes" / "demo"
@@ -34,6 +33,8 @@ def model_dir(path: Path, **changes) -> Path:
 
 
 def test_architecture_problem_names_directory_model_type_version_and_fix(tmp_path):
+    from training.architecture import architecture_problem
+
     version = transformers.__version__
     typo = architecture_problem(model_dir(tmp_path / "typo", model_type="lama"))
     assert f"{tmp_path / 'typo' / 'config.json'} has model_type 'lama' (did you mean 'llama'?), which transformers {version} " \
@@ -94,7 +95,7 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_status_130(capsys, mon
     with pytest.raises(SystemExit) as e:
         run_main(preparing_data, [])
     err = capsys.readouterr().err
-    assert e.value.code == EXIT_INTERRUPTED and err.startswith("interrupted (Ctrl-C): stopped at once") and err.count("\n") == 1
+    assert e.value.code == 130 and err.startswith("interrupted (Ctrl-C): stopped at once") and err.count("\n") == 1
 
 
 def test_a_signal_delivered_twice_at_once_is_one_request_and_a_later_one_stops_at_once():
