@@ -22,9 +22,11 @@ a four-digit number, repeating three words, and saying three words backwards. An
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 from training.files import json_lines
+from data.files import DataError
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 EOS = "<|endoftext|>"
@@ -195,25 +197,32 @@ def write_assets(out_dir: Path = OUT_DIR) -> None:
 def score_run(run_dir: str | Path) -> tuple[int, int, int]:
     """(examples_seen, correct, total) for the samples of a demo run's last eval in {run_dir}/samples.jsonl."""
     path = Path(run_dir) / "samples.jsonl"
+    if not Path(run_dir).is_dir():
+        raise DataError(f"no run directory at {run_dir}: give the run_dir of a demo run (python sft_train.py "
+                        f"recipes/demo.yaml run_dir={run_dir} makes one)")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no samples (was the run made with sample_during_eval=true?)")
+        raise DataError(f"{path}: no samples (was the run made with sample_during_eval=true?)")
     rows = [row for _, row in json_lines(path, path.read_text(encoding="utf-8").splitlines())]
     if not rows:
-        raise ValueError(f"{path}: no samples")
+        raise DataError(f"{path}: no samples")
     last = max(r["examples_seen"] for r in rows)
     final = [r for r in rows if r["examples_seen"] == last]
     return last, sum(check_answer(r["prompt"], r["sample"]) for r in final), len(final)
 
 
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:2] == ["score"] and len(sys.argv) == 3:
-        seen, correct, total = score_run(sys.argv[2])
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["score"] and len(argv) == 2:
+        seen, correct, total = score_run(argv[1])
         print(f"{correct}/{total} held-out prompts answered correctly ({correct / total:.1%}) at {seen} examples")
-    elif len(sys.argv) == 1:
+    elif not argv:
         write_assets()
         print(f"wrote {sorted(p.name for p in OUT_DIR.iterdir())} to {OUT_DIR}")
     else:
         sys.exit("usage: python -m data.demo            # regenerate recipes/demo/\n"
                  "       python -m data.demo score RUN_DIR   # share of correct answers at the run's last eval")
+
+
+if __name__ == "__main__":
+    from training.cli import run_main
+
+    run_main(main, sys.argv[1:])

@@ -24,6 +24,12 @@ class DataError(UserError, ValueError):
     """Bad input data; the message names the file and line."""
 
 
+def no_files_error(name: str, split: str) -> DataError:
+    """A dataset without a hub source (jsonl: your own rows) named without local files for `split`."""
+    return DataError(f"datasets=[{name}] reads your own files and none are given for the {split} split: set "
+                     f"data_files.{name}.train=PATH and data_files.{name}.test=PATH (or data_files.{name}=PATH for both)")
+
+
 def resolve_paths(spec: str | list[str]) -> list[str]:
     """Expand a path, a glob, or a list of them into a list of files (entries in order, each glob's matches sorted)."""
     entries = [spec] if isinstance(spec, str) else list(spec)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
 
-from data.files import DataError, iter_rows, resolve_paths, require_str
+from data.files import DataError, iter_rows, no_files_error, resolve_paths, require_str
 
 if TYPE_CHECKING:
     from data.records import Record
@@ -44,5 +44,5 @@ def jsonl_records(rows: Iterable[tuple[str, dict]]) -> dict[str, Record]:
 def load_jsonl(split: str, files: list[str] | None = None, cache_dir: str | None = None) -> dict[str, Record]:
     """Records of local files; `cache_dir` is unused (there is no hub dataset behind this kind)."""
     if files is None:
-        raise ValueError(f"dataset kind 'jsonl' reads local files only; give the files for split {split!r}")
+        raise no_files_error("jsonl", split)
     return jsonl_records(iter_rows(resolve_paths(files)))

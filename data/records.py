@@ -23,7 +23,7 @@ from typing import Callable, TypedDict
 
 from data import hh, se, shp
 from data.cache import read_entry, write_entry
-from data.files import DataError, resolve_paths
+from data.files import DataError, no_files_error, resolve_paths
 from data.hh import load_hh
 from data.local import load_jsonl
 from data.se import load_se
@@ -93,6 +93,8 @@ def records_key(name: str, split: str, paths: list[str] | None, cache_dir: str |
                     h.update(block)
             h.update(b"\0")
     else:
+        if name not in HUB_SOURCES:
+            raise no_files_error(name, split)
         import datasets  # imported here: slow
 
         hub_name, hub_split = HUB_SOURCES[name]

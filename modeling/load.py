@@ -74,11 +74,28 @@ def load_archive_state(model: torch.nn.Module, path: str) -> None:
         raise CheckpointError(f"model.archive {path}: {e}") from None
     if dropped:
         log.info("model.archive %s: dropped %d transformers-4.29 buffers holding their defaults (%s, ...)", path, len(dropped), dropped[0])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"model.archive {path} does not fit {type(model).__name__}: {str(e).splitlines()[1].strip()}"
-                              if len(str(e).splitlines()) > 1 else f"model.archive {path}: {e}") from None
+    problem = state_mismatch(state, model.state_dict())
+    if problem:
+        raise CheckpointError(f"model.archive {path} does not fit {type(model).__name__} ({model.config.model_type} from "
+                              f"{model.config.name_or_path or 'its config'}): {problem}; give the archive of a run of this model, "
+                              "or set model.name_or_path to the model the archive was trained from")
+    model.load_state_dict(state)
+
+
+def state_mismatch(state: dict, expected: dict, show: int = 3) -> str | None:
+    """What keeps `state` from loading strictly into a model whose state dict is `expected`: counts, and the first few
+    keys of each kind (a 7B archive of another architecture misses hundreds)."""
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:show]) + (", ..." if len(keys) > show else "")
+
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(expected[k].shape)}" for k in expected
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = [f"{what}: {len(keys)} ({few(keys)})" for what, keys in (("keys missing from the archive", missing),
+                                                                    ("keys the model does not have", unexpected),
+                                                                    ("shapes that differ (archive vs model)", shapes)) if keys]
+    return "; ".join(parts) or None
 
 
 def receives_weights_from_rank0() -> bool:

@@ -125,7 +125,7 @@ def build_cases(root: Path) -> tuple[list[dict], dict[str, str], dict[str, Path]
         "model_dir_missing": (sft + ["model=/no/such/model"], "model.name_or_path: no model directory at /no/such/model"),
         "model_hub_id_offline": (sft + ["model=someorg/not-cached"], "'someorg/not-cached' is not a local directory and not in the hub cache, and HF_HUB_OFFLINE is set"),
         "model_dir_without_config": (sft + [f"model.name_or_path={not_a_model}"], f"{not_a_model} is a directory without config.json"),
-        "archive_missing": (sft + ["model.archive=/no/policy.pt"], "model.archive: file not found: /no/policy.pt"),
+        "archive_missing": (sft + ["model.archive=/no/policy.pt"], "model.archive: /no/policy.pt does not exist; expected a policy.pt file"),
         # data: file and line
         "data_bad_utf8": (sft + [f"data_files.hh.train={bad_utf8}"] + data, f"{bad_utf8}:7: not valid UTF-8"),
         "data_bad_json": (sft + [f"data_files.hh.train={bad_json}"] + data, f"{bad_json}:3: not valid JSON"),

@@ -16,6 +16,7 @@ again, so the logs of a resumed run read like those of one uninterrupted run (no
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -43,6 +44,56 @@ LOG_FILES = ("metrics.jsonl", "samples.jsonl")
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint or archive that cannot be used; the message names the file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (disk full, quota, I/O error); the earlier complete ones are intact."""
+
+
+# What a write that stops half-way says, by errno (torch.save itself reports only "unexpected pos" in inline_container.cc,
+# with the OSError of the file's write as its context).
+WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded", errno.EIO: "an I/O error",
+                errno.EROFS: "the file system is read-only", errno.EFBIG: "the file is too large for the file system"}
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind `error`: itself, its cause or context (torch.save's RuntimeError), or one of the failures that
+    torch.distributed.checkpoint's CheckpointException gathered from the processes."""
+    seen = set()
+    todo = [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        todo += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():  # {rank: (exception, traceback)}
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+    return None
+
+
+def write_failure(run_dir: Path, name: str, what: str, error: BaseException, clean: bool = True) -> CheckpointWriteError | None:
+    """The one-line error for checkpoint `name` whose `what` could not be written, or None when `error` is not a failed
+    write (a bug keeps its traceback). `clean`: remove the temporary directory (main process), so the space is free again
+    and no partial checkpoint is left; the previous checkpoint of that name, if any, was never touched."""
+    os_error = os_error_in(error)
+    if os_error is not None:
+        code = errno.errorcode.get(os_error.errno, str(os_error.errno))
+        reason = f"{WRITE_ERRNOS.get(os_error.errno, os_error.strerror or os.strerror(os_error.errno))} ({code})"
+    elif "inline_container" in str(error) or "PytorchStreamWriter" in str(error):
+        reason = f"the write stopped short: {' '.join(str(error).split())[:200]}"
+    else:
+        return None
+    run_dir = Path(run_dir)
+    if clean:
+        shutil.rmtree(tmp_dir(run_dir, name), ignore_errors=True)
+    previous = complete_checkpoints(run_dir)
+    intact = f"the last complete checkpoint, {previous[-1]}, is intact" if previous else "no earlier checkpoint exists"
+    return CheckpointWriteError(f"could not write checkpoint {name}: {what}: {reason}; nothing was left under "
+                                f"{run_dir / name} by this write and {intact}; free space (or move run_dir), then continue "
+                                f"with resume_from=auto run_dir={run_dir}")
 
 
 def plain(value: Any) -> Any:
@@ -113,19 +164,32 @@ def write_checkpoint(
     """
     run_dir = Path(run_dir)
     final = run_dir / name
-    tmp = tmp_dir(run_dir, name) if started else start_checkpoint(run_dir, name)
-    metrics = plain(metrics)
-    files = {"policy.pt": policy_state, "optimizer.pt": optimizer_state, "scheduler.pt": scheduler_state, **(extra or {})}
-    for filename, state in files.items():
-        if state is not None:
-            save_file({"step_idx": step_idx, "state": state, "metrics": metrics}, tmp / filename)
-    save_file(train_state, tmp / "train_state.pt")
-    with open(tmp / MARKER, "w") as f:
-        # written_at orders checkpoints of the same step (and survives copying the run dir, unlike mtimes)
-        json.dump({"step_idx": step_idx, "written_at": time.time(), "metrics": metrics}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    fsync(tmp)  # the files' directory entries, before the rename publishes them
+    tmp = tmp_dir(run_dir, name)
+    current = tmp
+    try:  # a failed write (disk full, quota, I/O error) is one line naming the file; the earlier checkpoints stay
+        if not started:
+            start_checkpoint(run_dir, name)
+        metrics = plain(metrics)
+        files = {"policy.pt": policy_state, "optimizer.pt": optimizer_state, "scheduler.pt": scheduler_state, **(extra or {})}
+        for filename, state in files.items():
+            if state is not None:
+                current = tmp / filename
+                save_file({"step_idx": step_idx, "state": state, "metrics": metrics}, current)
+        current = tmp / "train_state.pt"
+        save_file(train_state, current)
+        current = tmp / MARKER
+        with open(current, "w") as f:
+            # written_at orders checkpoints of the same step (and survives copying the run dir, unlike mtimes)
+            json.dump({"step_idx": step_idx, "written_at": time.time(), "metrics": metrics}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        current = tmp
+        fsync(tmp)  # the files' directory entries, before the rename publishes them
+    except Exception as e:
+        failure = write_failure(run_dir, name, str(current), e)
+        if failure is None:
+            raise
+        raise failure from e
     replace_dir(tmp, final)
     return final
 
@@ -292,6 +356,27 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def resolve_archive(archive: str) -> tuple[str, str | None]:
+    """model.archive as a policy.pt file: a file as given; a checkpoint directory (runs/x/LATEST, runs/x/step-N) gives its
+    policy.pt, a run directory (runs/x) its LATEST/policy.pt. Returns (file, a line saying which file, or None when the
+    file was given); CheckpointError says which file was expected where."""
+    path = Path(archive).expanduser()
+    if path.is_file():
+        return archive, None
+    expected = "a policy.pt file, a checkpoint directory holding one (runs/NAME/LATEST) or a run directory (runs/NAME)"
+    if not path.exists():
+        raise CheckpointError(f"model.archive: {archive} does not exist; expected {expected}")
+    if not path.is_dir():
+        raise CheckpointError(f"model.archive: {archive} is not a file or a directory; expected {expected}")
+    for candidate, kind in ((path / "policy.pt", "checkpoint directory"), (path / "LATEST" / "policy.pt", "run directory")):
+        if candidate.is_file():
+            return str(candidate), f"model.archive: {archive} is a {kind}; using {candidate}"
+    steps = step_dirs(path)
+    hint = f" (its newest checkpoint: {steps[-1] / 'policy.pt'})" if steps and (steps[-1] / "policy.pt").is_file() else ""
+    raise CheckpointError(f"model.archive: {archive} is a directory without {path / 'policy.pt'} or "
+                          f"{path / 'LATEST' / 'policy.pt'}{hint}; expected {expected}")
+
+
 def resolve_resume(resume_from: str, run_dir: str | Path | None) -> Path:
     """`auto` -> the newest complete checkpoint of run_dir that loads (a newer one that does not is skipped with a warning,
     so a restart loop does not stick on it); a path must be a complete checkpoint (run_dir may be unset)."""
@@ -324,7 +409,8 @@ class BackgroundWriter:
     of waiting in a collective (and running into its time-out) while a 27 GB policy.pt goes to slow storage.
 
     `submit` first waits for the previous write, so at most one gathered copy of the weights is held; `wait` before using
-    what was written (export) and before exit. An error in the thread is raised by the next `submit` or `wait`.
+    what was written (export) and before exit. An error in the thread is raised by the next `submit` or `wait`; the
+    training loop asks `failed` after every update, so a failed write stops the run at once (training/loop.py).
     """
 
     def __init__(self):
@@ -341,6 +427,10 @@ class BackgroundWriter:
             fn(*args)
         except BaseException as e:  # re-raised in the training thread
             self.error = e
+
+    def failed(self) -> bool:
+        """Whether the write in the thread has ended in an error (which `wait` raises)."""
+        return self.error is not None and (self.thread is None or not self.thread.is_alive())
 
     def wait(self) -> None:
         if self.thread is not None:

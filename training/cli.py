@@ -6,7 +6,11 @@
 
 A mistake the user can fix (training.errors.UserError: config, data, checkpoint; a missing or unreadable file; a full disk;
 a model that is not where the config says) prints `error: <what, where, how to fix>` once, on the main process only, and
-exits with status 2. SFT_TRACEBACK=1 shows the traceback as well. Any other exception keeps its traceback.
+exits with status 2. Ctrl-C outside the training loop (which saves first: training/loop.py) prints one line and exits
+with status 130. SFT_TRACEBACK=1 shows the traceback as well. Any other exception keeps its traceback.
+
+Under `python -m training.launch` (accelerate launch that ends with the run's own last line) the main process also writes
+that line (the error, or the loop's `continue with: ...`) to the file named by SFT_LAST_WORDS; see training/launch.py.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from typing import Any, Callable
 from training.errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # what a shell reports for a process ended by SIGINT
+LAST_WORDS = "SFT_LAST_WORDS"  # set by training/launch.py: where the main process leaves its last line
+INTERRUPTED = ("interrupted (Ctrl-C): stopped at once, nothing new was saved; run the same command to start again "
+               "(a run with a saved checkpoint continues with resume_from=auto)")
 DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the file system is read-only"}
 
 
@@ -34,13 +42,36 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
     except BrokenPipeError:  # `... --help | head`: the reader left; nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(1) from None
-    except Exception as e:  # noqa: BLE001 - sorted into user errors and the rest just below
-        message = user_error_message(e)
-        if message is None or os.environ.get("SFT_TRACEBACK", "") not in ("", "0"):
+    except KeyboardInterrupt:  # during setup or data preparation, or a second Ctrl-C in training
+        if traceback_wanted():
             raise
         if is_main_process():
-            print(f"error: {message}", file=sys.stderr, flush=True)
+            last_line(INTERRUPTED, "interrupted", sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and the rest just below
+        message = user_error_message(e)
+        if message is None or traceback_wanted():
+            raise
+        if is_main_process():
+            last_line(f"error: {message}", "error", sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
+
+
+def traceback_wanted() -> bool:
+    return os.environ.get("SFT_TRACEBACK", "") not in ("", "0")
+
+
+def last_line(line: str, kind: str, stream=None) -> None:
+    """Print the run's last line (`kind`: error, interrupted or stopped) and leave it for training/launch.py, which prints
+    it again after the launcher's own output."""
+    print(line, file=stream or sys.stdout, flush=True)
+    path = os.environ.get(LAST_WORDS)
+    if path:
+        try:
+            with open(path, "w") as f:
+                f.write(f"{kind}\n{line}\n")
+        except OSError:
+            pass  # only a repeat of what was printed
 
 
 def user_error_message(e: BaseException) -> str | None:

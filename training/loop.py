@@ -44,6 +44,8 @@ from training.distributed import data_parallel, describe_setup, parallel_mode, s
 from training.state_dicts import (detached, full_model_state, full_optimizer_state, load_full_state, load_sharded,
                                   save_sharded)
 from training.adapters import checkpoint_weights
+from training.cli import last_line
+from training.errors import UserError
 from training.compilation import check_compile, compile_metrics, compile_report, eager
 from training.logger import console
 from training.rundir import check_resume, claim_run_dir, on_main_process, run_signature
@@ -67,6 +69,9 @@ class TrainState:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal=USR1@600, sent ahead of the kill
+# A launcher forwards the signal it got (torchrun: SIGINT/SIGTERM) and SLURM's scancel signals every process of the step,
+# so the same request can arrive twice within milliseconds; only a signal this much later is a second Ctrl-C.
+REPEAT_SECONDS = 2.0
 
 
 class StopRequested:
@@ -75,6 +80,7 @@ class StopRequested:
 
     def __init__(self, max_updates: int | None = None, save_every_minutes: float | None = None):
         self.signal: int | None = None
+        self.signalled_at = 0.0
         self.max_updates, self.updates = max_updates, 0
         self.save_every = None if save_every_minutes is None else save_every_minutes * 60
         self.last_save = time.monotonic()
@@ -83,22 +89,30 @@ class StopRequested:
 
     def after_update(self, accelerator) -> tuple[bool, bool]:
         """(stop now, save LATEST now)? All processes agree, as a signal may reach only some of them, clocks differ, and
-        saving is collective."""
+        saving is collective. A checkpoint write of the main process's background writer that failed stops every process
+        here (its one-line error on the main process), not at the next save."""
         self.updates += 1
         stop = self.signal is not None or self.updates == self.max_updates
         due = self.save_every is not None and time.monotonic() - self.last_save >= self.save_every
+        failed = accelerator.is_main_process and ckpt.writer.failed()
         if accelerator.num_processes > 1:
-            stop, due = (bool(x) for x in accelerator.reduce(torch.tensor([int(stop), int(due)], device=accelerator.device),
-                                                             "sum").tolist())
+            flags = torch.tensor([int(stop), int(due), int(failed)], device=accelerator.device)
+            stop, due, failed = (bool(x) for x in accelerator.reduce(flags, "sum").tolist())
+        if failed:
+            if accelerator.is_main_process:
+                ckpt.writer.wait()  # raises the write's error
+            raise UserError("the main process could not write a checkpoint (its error line says why)")
         return stop, due
 
     def saved(self) -> None:
         self.last_save = time.monotonic()
 
     def handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C means now
-            raise KeyboardInterrupt
-        self.signal = signum
+        if self.signal is not None:
+            if time.monotonic() - self.signalled_at > REPEAT_SECONDS:  # a second Ctrl-C means now
+                raise KeyboardInterrupt
+            return  # the same request, delivered again by the launcher or the scheduler
+        self.signal, self.signalled_at = signum, time.monotonic()
         console.print(f"[yellow]received {signal.Signals(signum).name}: finishing this step, then saving LATEST[/yellow]")
 
 
@@ -211,8 +225,8 @@ def train(config: Config, accelerator, model, optimizer, scheduler, plans: Itera
             logger.close()
             if accelerator.is_main_process:
                 ckpt.writer.wait()
-                console.print(f"stopped at {state.examples_seen} examples; continue with: {continue_command(script, run_dir)}",
-                              soft_wrap=True, highlight=False)
+                last_line(f"stopped at {state.examples_seen} examples; continue with: {continue_command(script, run_dir)}",
+                          "stopped")
             return False
         if save_now and not (should_eval(config, state, interval) and not config.debug):  # else step-N comes next anyway
             save(config, accelerator, model, optimizer, scheduler, state, run_dir, "LATEST")
@@ -299,7 +313,14 @@ def save(config, accelerator, model, optimizer, scheduler, state, run_dir, name)
     if is_sharded := sharded(accelerator):
         if main:
             ckpt.start_checkpoint(run_dir, name)  # before any process writes: save_sharded's first step is collective
-        save_sharded(model, optimizer, ckpt.tmp_dir(run_dir, name) / ckpt.RESUME_DIR)
+        try:
+            save_sharded(model, optimizer, ckpt.tmp_dir(run_dir, name) / ckpt.RESUME_DIR)
+        except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+            failure = ckpt.write_failure(run_dir, name, f"the sharded resume state in {ckpt.tmp_dir(run_dir, name) / ckpt.RESUME_DIR}",
+                                         e, clean=main)  # every process gets every process's failures
+            if failure is None:
+                raise
+            raise failure from e
     policy_state = full_model_state(accelerator, model)  # collective under FSDP/TP; {} except on the main process
     optimizer_state = full_optimizer_state(accelerator, model, optimizer) if not is_sharded or config.save_full_optimizer else None
     rng = gather_object([ckpt.rng_state()])  # one per process: ranks sample different prompts, so their generators differ
@@ -455,7 +476,7 @@ def start_run(args: list[str], losses: tuple[str, ...], usage: str, build_accele
     from training.config import load_config
     from training.distributed import check_setup, raise_open_file_limit, set_matmul_precision
     from training.logger import check_wandb_credentials
-    from training.model_source import check_model_source
+    from training.model_source import check_architecture, check_model_source
 
     wants_help, section = help_requested(args)
     if wants_help:
@@ -464,10 +485,15 @@ def start_run(args: list[str], losses: tuple[str, ...], usage: str, build_accele
     config = load_config(args)
     check_wandb_credentials(config)
     accelerator = build_accelerator(config)
+    if config.model.archive is not None:  # a run or checkpoint directory stands for its policy.pt
+        config.model.archive, note = ckpt.resolve_archive(config.model.archive)
+        if note and accelerator.is_main_process:
+            log.info(note)
     resolve_attention(config, accelerator.device.type, parallel_mode(accelerator) == "fsdp")
     validate(config, data_parallel(accelerator)[1])
     check_stage(config, losses)
     check_model_source(config)  # model directory or hub cache, max_length within the model's positions: config.json only
+    check_architecture(config.model)  # a model_type this transformers knows as a causal LM (or the model's own code)
     check_setup(config, accelerator)  # FSDP block name, TP plan, device_map: fail before loading anything
     check_compile(config, accelerator.device, parallel_mode(accelerator))  # compile=true: inductor's toolchain is here
     for note in (raise_open_file_limit(accelerator), set_matmul_precision(config, accelerator.device)):

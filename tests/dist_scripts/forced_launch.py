@@ -10,7 +10,8 @@ resume; SLOW_DATA=SECONDS makes the main process prepare the data that much slow
 main_process_first, a barrier of the training process group); MEASURE_SAVE_MEMORY=1 records the main process's peak extra
 resident memory during each step-N save (with its background write) in {run_dir}/save_memory.json;
 SLOW_LATEST_WRITE=SECONDS makes writing LATEST/policy.pt that slow; BARRIER_AFTER_SAVE=1 puts back a barrier after each
-save (all processes wait for the main process's write).
+save (all processes wait for the main process's write); FULL_DISK=MATCH:BYTES[@RANK] makes checkpoint files whose path
+contains MATCH fail with ENOSPC after BYTES (tests/full_disk.py), on process RANK only if given.
 
 accelerate refuses both on CPU, so the Accelerator is built for CPU and its state switched afterwards (tests/forcing.py);
 everything else is the real script. Real runs get these from the launch config on GPUs.
@@ -34,6 +35,7 @@ import training.loop  # noqa: E402
 from tests.forcing import dumping_resume, forced_accelerator  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
 from training import distributed  # noqa: E402
+from training.cli import run_main  # noqa: E402
 
 MODE = sys.argv[1]
 ARGS = sys.argv[2:]
@@ -139,8 +141,14 @@ if os.environ.get("BARRIER_AFTER_SAVE"):
     training.loop.save = barrier_after(training.loop.save)
 if os.environ.get("MEASURE_SAVE_MEMORY"):
     training.loop.save = measuring_save(training.loop.save)
+if os.environ.get("FULL_DISK"):
+    spec, _, rank = os.environ["FULL_DISK"].partition("@")
+    if rank in ("", os.environ.get("RANK")):
+        from tests.full_disk import install
+
+        install(spec)
 if os.environ.get("DUMP_RESUMED"):
     training.loop.resume = dumping_resume(training.loop.resume, os.environ["DUMP_RESUMED"])
 training.loop.save = record_wrapping(training.loop.save)  # the loop's checkpoint writer
 torch.set_num_threads(1)
-script.main(ARGS)
+run_main(script.main, ARGS)  # as the script's own __main__: a user error is one line and exit status 2
