@@ -22,6 +22,7 @@ import inspect
 import os
 import sys
 import textwrap
+import time
 import typing
 from typing import Any, Callable
 
@@ -33,6 +34,9 @@ LAST_WORDS = "SFT_LAST_WORDS"  # set by training/launch.py: where the main proce
 INTERRUPTED = ("interrupted (Ctrl-C): stopped at once, nothing new was saved; run the same command to start again "
                "(a run with a saved checkpoint continues with resume_from=auto)")
 DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the file system is read-only"}
+
+
+SECONDARY_EXIT_SECONDS = 2.0
 
 
 def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:
@@ -54,6 +58,10 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
             raise
         if is_main_process():
             last_line(f"error: {message}", "error", sys.stderr)
+        else:
+            # A launcher stops every process as soon as one exits. Errors found by all processes at once (a failed
+            # collective checkpoint write) are printed by the main process: the others leave it the time to do so.
+            time.sleep(SECONDARY_EXIT_SECONDS)
         raise SystemExit(EXIT_USER_ERROR) from None
 
 

@@ -320,6 +320,9 @@ def save(config, accelerator, model, optimizer, scheduler, state, run_dir, name)
                                          e, clean=main)  # every process gets every process's failures
             if failure is None:
                 raise
+            # Every process is here (the failures were gathered): none leaves before the main process removed the partial
+            # directory, as a launcher stops the others as soon as one exits.
+            accelerator.wait_for_everyone()
             raise failure from e
     policy_state = full_model_state(accelerator, model)  # collective under FSDP/TP; {} except on the main process
     optimizer_state = full_optimizer_state(accelerator, model, optimizer) if not is_sharded or config.save_full_optimizer else None
