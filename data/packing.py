@@ -6,8 +6,9 @@
 Each example is placed whole (never split); position_ids restart at 0 per example. The first token of each example gets
 label -100: unpacked, nothing predicts it either, so the loss of every example is the same sum it would be alone.
 `example_index` maps each position to its example (-1 on filler), which lets the loss return per-example sums in the
-original order. Packing only regroups the micro-batch it is given, so an optimizer step holds exactly the examples it holds
-unpacked. Every key but `labels` and `example_index` is a model input. What else a packed batch carries depends on the
+original order, and `n_examples` (a Python int) counts them, so the loss never reads the count back from the device.
+Packing only regroups the micro-batch it is given, so an optimizer step holds exactly the examples it holds unpacked. Every
+key but `labels`, `example_index` and `n_examples` is a model input. What else a packed batch carries depends on the
 attention kernel (`packed_layout`), because transformers detects packing differently per kernel:
 
 - "rows" (sdpa_packed, sdpa, eager): rows of at most max_length tokens, as few and as evenly filled as pack_rows finds,
@@ -96,7 +97,8 @@ def collate_packed(examples: list[dict], pad_id: int, max_length: int, attention
             position_ids[r, start:] = torch.arange(width - start)
             row_spans.append((start, width))
         spans.append(tuple(row_spans))
-    batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "example_index": example_index}
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "example_index": example_index,
+             "n_examples": len(examples)}
     if flat:
         offsets = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         longest = max(lengths)

@@ -61,7 +61,7 @@ def sequence_nll(
     # its causal kernel instead of a masked one (it skips the masked half of the pairs; flash-attention-2 skips its
     # unpad/repad); padding positions are never read. Packed: input_ids, position_ids and what the attention kernel needs
     # to keep examples apart (data/packing.py); no cache, so attention stops at example boundaries.
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_index", "attention_mask")}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_index", "n_examples", "attention_mask")}
     if "packed_spans" in inputs:
         inputs["packed_spans"] = HostSpans(inputs["packed_spans"])  # opaque to torch.compile: no recompile per packing
     owner, n_examples = example_owner(batch)
@@ -231,7 +231,8 @@ def example_owner(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """The example of every position (rows x positions, -1 on packing filler) and the number of examples."""
     if "example_index" in batch:
         owner = batch["example_index"]
-        return owner, int(owner.max()) + 1
+        # The collate's count (a Python int); reading the owners' maximum back would wait for the device every micro-batch.
+        return owner, batch["n_examples"] if "n_examples" in batch else int(owner.max()) + 1
     rows, width = batch["labels"].shape
     return torch.arange(rows, device=batch["labels"].device).unsqueeze(1).expand(rows, width), rows
 
