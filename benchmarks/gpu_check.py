@@ -3,29 +3,41 @@
     python benchmarks/gpu_check.py                       # GPU machine: every case through `accelerate launch`, one table
     python benchmarks/gpu_check.py --out /tmp/check      # keep the runs' metrics.jsonl there (checkpoints are deleted)
     python benchmarks/gpu_check.py --dry-run             # CPU, tiny model, in-process, 4 steps: checks the check itself
-    python benchmarks/gpu_check.py --compile             # also bf16 padded and packed with compile=true (compile time on top)
+    python benchmarks/gpu_check.py --compile             # also bf16 padded with compile=true (compile time on top)
+    python benchmarks/gpu_check.py --attn sdpa_packed    # the packed cases on another kernel
 
 Needs torch with CUDA, transformers and accelerate, plus the rest of requirements.txt that the training script imports
-(datasets, tokenizers, safetensors, pyyaml, rich, numpy, matplotlib); flash-attn is optional (`--attn flash_attention_2`
-packs into one varlen row). No network: the model is a Llama of about 1B parameters built from a config with random
-weights (hidden 2048, 16 layers, 16 heads, MLP 5632, vocab 32,000), the tokenizer is recipes/demo's, and the data are
-synthetic HH-format dialogues of varied length (16 to 512 tokens) written by this script. Disk: one LATEST checkpoint
-at a time (policy.pt 3.8 GB and the sharded resume state, 7.6 GB with RMSprop), deleted once its case is read.
+(datasets, tokenizers, safetensors, pyyaml, rich, numpy, matplotlib); flash-attn is not needed (the packed cases run
+torch's own varlen_attn, modeling/varlen_attention.py). No network: the model is a Llama of about 1B parameters built
+from a config with random weights (hidden 2048, 16 layers, 16 heads, MLP 5632, vocab 32,000), the tokenizer is
+recipes/demo's, and the data are synthetic HH-format dialogues of varied length (16 to 512 tokens) written by this
+script. Disk: one LATEST checkpoint at a time (policy.pt 3.8 GB and the sharded resume state, 7.6 GB with RMSprop),
+deleted once its case is read.
 
-Every GPU case is the real command on the real script:
+Every GPU case but the plain loop is the real command on the real script (sft_train.py, or dpo_train.py for DPO):
 
     accelerate launch --config_file accelerate_configs/fsdp_8gpu.yaml --num_processes <visible GPUs> sft_train.py <args>
 
 Cases, all from the same random weights on the same batches (global batch 32, RMSprop lr 1e-5, max_length 512):
-  bf16 padded   model.fsdp_policy_mp=bfloat16, right padding, sdpa; 10 updates
-  bf16 packed   the same with packing=true (sdpa_packed, or --attn)
-  fp32 padded   model.fsdp_policy_mp=null: float32 compute (TF32 matmuls, allow_tf32=true)
-  bf16 resumed  bf16 padded stopped after 5 updates (max_updates_this_run=5 saves LATEST), then resume_from=auto
-The table: tokens/s (non-pad, median of updates 3..), MFU, peak GPU memory of rank 0, the train loss of every update
-side by side, and the checks: bf16 within 2% of fp32 at update 1 and 5% after, packed within 2% of padded at update 1,
-the resumed run's first loss equal to the uninterrupted run's at that update (relative 1e-4); with --compile, each compiled
-case within 2% of its eager case at every update (bf16: the compiled kernels round differently). Exit status 1 if a check fails.
-In --dry-run the "bf16" cases compute in float32 (fsdp_policy_mp applies only under FSDP) and nothing is launched.
+  plain loop      the baseline: a plain PyTorch loop in this process on one GPU, fp32 weights + bf16 autocast, padded
+                  batches with their mask, full logits, no FSDP; 10 updates
+  bf16 padded     model.fsdp_policy_mp=bfloat16, right padding, sdpa; 10 updates
+  bf16 packed     the same with packing=true on --attn (varlen_attn: one flat row per micro-batch); 10 updates
+  fp32 padded     model.fsdp_policy_mp=null: float32 compute (TF32 matmuls, allow_tf32=true); 10 updates
+  bf16 resumed    bf16 padded stopped after 5 updates (max_updates_this_run=5 saves LATEST), then resume_from=auto
+  bf16 packed+compile   bf16 packed with compile=true; 6 updates
+  DPO padded, DPO packed   dpo_train.py (loss dpo, beta 0.1, live reference in bf16; policy and reference from the
+                  same random weights, as an SFT policy.pt would give both), 32 pairs per batch; 4 updates
+  LoRA packed     bf16 packed with lora.enabled=true (r 16, all linear layers); 4 updates
+The table: tokens/s (non-pad, median of updates 3..), its ratio to the plain loop, MFU, peak GPU memory of rank 0, the
+train loss of every update side by side, and the checks: bf16 within 2% of fp32 at update 1 and 5% after, packed within
+2% of padded at update 1 (on the --attn kernel), the resumed run's first loss equal to the uninterrupted run's at that
+update (relative 1e-4), each compiled case within 2% of its eager case at every update (bf16: the compiled kernels
+round differently), DPO packed within 2% of DPO padded at update 1 (its loss, and the chosen log-probs, which the
+kernel changes; the loss alone starts at ln 2 either way). Exit status 1 if a check fails.
+In --dry-run the "bf16" cases compute in float32 (fsdp_policy_mp applies only under FSDP, the plain loop skips autocast),
+the packed cases run sdpa_packed (varlen_attn needs CUDA; the table says so), compile cases are left out (CPU compile
+time: tests/test_compile.py covers them) and nothing is launched.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -61,6 +74,16 @@ SIZES = {
                  "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512, "max_position_embeddings": 256}, 64, 4, 2, 128),
 }
 BATCH = {"gpu": 32, "dry-run": 8}
+SHORT = {"bf16 packed+compile": 6, "bf16 padded+compile": 6, "DPO padded": 4, "DPO packed": 4, "LoRA packed": 4}  # updates
+PLAIN = "plain loop"
+DRY_RUN_PACKED = "sdpa_packed"  # the CPU packed kernel, used for --attn in a dry run
+
+
+class Case(NamedTuple):
+    """The argument lists of a case's invocations (two for the stopped-and-resumed run) and the script they run."""
+
+    invocations: tuple[list[str], ...] = ()
+    script: str = "sft_train.py"
 
 
 def write_model_dir(path: Path, overrides: dict) -> Path:
@@ -108,46 +131,105 @@ def common_args(size: str, model_dir: Path, train: Path, test: Path, out: Path) 
     return [f"{k}={v}" for k, v in args.items()]
 
 
-def cases(size: str, attn: str, compile_too: bool = False) -> dict[str, list[list[str]]]:
-    """name -> the argument lists of its invocations (two for the stopped-and-resumed run)."""
-    stop = SIZES[size][3]
+def cases(size: str, attn: str, compile_too: bool = False) -> dict[str, Case]:
+    """name -> its Case (the plain loop has no invocation: it runs in this process)."""
+    _, _, updates, stop, _ = SIZES[size]
+    batch = BATCH[size]
     bf16 = ["model.fsdp_policy_mp=bfloat16", "model.attn_implementation=sdpa", "packing=false"]
+    packed = ["model.fsdp_policy_mp=bfloat16", f"model.attn_implementation={attn}", "packing=true"]
+    dpo = ["loss.name=dpo", "loss.beta=0.1", "model.reference_dtype=bfloat16", "reference_logps=live"]
     runs = {
-        "bf16 padded": [bf16],
-        "bf16 packed": [["model.fsdp_policy_mp=bfloat16", f"model.attn_implementation={attn}", "packing=true"]],
-        "fp32 padded": [["model.fsdp_policy_mp=null", "model.attn_implementation=sdpa", "packing=false"]],
-        "bf16 resumed": [[*bf16, f"max_updates_this_run={stop}"], [*bf16, "resume_from=auto"]],
+        PLAIN: Case(),
+        "bf16 padded": Case((bf16,)),
+        "bf16 packed": Case((packed,)),
+        "fp32 padded": Case((["model.fsdp_policy_mp=null", "model.attn_implementation=sdpa", "packing=false"],)),
+        "bf16 resumed": Case(([*bf16, f"max_updates_this_run={stop}"], [*bf16, "resume_from=auto"])),
     }
-    if compile_too:  # --compile: the padded and packed cases again under compile=true
-        runs["bf16 padded+compile"] = [[*bf16, "compile=true"]]
-        runs["bf16 packed+compile"] = [[*runs["bf16 packed"][0], "compile=true"]]
+    if size != "dry-run":  # compile on CPU: minutes of inductor for a tiny model (tests/test_compile.py covers it)
+        runs["bf16 packed+compile"] = Case(([*packed, "compile=true"],))
+        if compile_too:
+            runs["bf16 padded+compile"] = Case(([*bf16, "compile=true"],))
+    runs["DPO padded"] = Case(([*bf16, *dpo],), "dpo_train.py")
+    runs["DPO packed"] = Case(([*packed, *dpo],), "dpo_train.py")
+    runs["LoRA packed"] = Case(([*packed, "lora.enabled=true", "lora.r=16", "lora.alpha=32"],))
+    for name, n in SHORT.items():  # the extra cases run fewer updates: the whole check stays under 8 minutes
+        if name in runs and n < updates:
+            runs[name] = Case(tuple([*args, f"n_examples={batch * n}"] for args in runs[name].invocations), runs[name].script)
     return runs
 
 
-def launch_command(n_gpus: int, args: list[str]) -> list[str]:
+def launch_command(n_gpus: int, args: list[str], script: str = "sft_train.py") -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIG), "--num_processes",
-            str(n_gpus), "--main_process_port", "0", str(REPO / "sft_train.py"), *args]
+            str(n_gpus), "--main_process_port", "0", str(REPO / script), *args]
 
 
-def run_launched(n_gpus: int, args: list[str], log: Path) -> None:
+def run_launched(n_gpus: int, args: list[str], log: Path, script: str = "sft_train.py") -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
     with open(log, "a") as f:
-        result = subprocess.run(launch_command(n_gpus, args), cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        result = subprocess.run(launch_command(n_gpus, args, script), cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise SystemExit(f"a run failed (exit {result.returncode}); its output: {log}\n{tail(log)}")
 
 
-def run_in_process(args: list[str], log: Path) -> None:
+def run_in_process(args: list[str], log: Path, script: str = "sft_train.py") -> None:
     import contextlib
+    import importlib
 
     from accelerate.state import AcceleratorState, GradientState
-
-    import sft_train
 
     AcceleratorState._reset_state(True)  # each run builds its own Accelerator, as a launched process would
     GradientState._reset_state()
     with open(log, "a") as f, contextlib.redirect_stdout(f):
-        sft_train.main(args)
+        importlib.import_module(Path(script).stem).main(args)
+
+
+def plain_loop(args: list[str], model_dir: Path, updates: int, device: str, autocast: bool) -> list[dict]:
+    """The baseline a user would write first: fp32 weights on one device, bf16 autocast, right-padded batches with their
+    attention mask, full-vocabulary logits, the mean of per-example summed NLL, RMSprop, no clipping or schedule. Same
+    config (tokenized data, batches, seed, lr) as the suite's cases; one row per update like metrics.jsonl's."""
+    import itertools
+
+    import torch
+    import transformers
+
+    from data.batches import collate, plan_batches
+    from data.sft import build_split
+    from data.tokenize import TokenizeSettings
+    from training.config import cache_dir, load_config, normalize_data_files
+    from training.throughput import peak_memory_gb, synchronize
+    from training.tokenizer import load_tokenizer
+
+    config = load_config(args)
+    tokenizer = load_tokenizer(config.model)
+    data = build_split(config.datasets, "train", normalize_data_files(config.data_files, config.datasets, print), tokenizer,
+                       TokenizeSettings(config.max_length, config.max_prompt_length), str(cache_dir(config)))
+    torch.manual_seed(config.seed)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(model_dir),
+                                                          dtype=torch.float32, attn_implementation="sdpa").to(device)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr)
+    device = torch.device(device)
+    rows = []
+    for plan in itertools.islice(plan_batches(len(data), config.batch_size, config.seed, None, config.n_examples), updates):
+        examples = [data[i] for i in plan.indices]
+        batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        loss = -(logp * (labels != -100)).sum(-1).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples)
+        rows.append({"loss/train": loss.item(), "tokens_per_second": tokens / elapsed, "peak_memory_gb": peak_memory_gb(device)})
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
 def tail(path: Path, n: int = 30) -> str:
@@ -161,8 +243,12 @@ def train_rows(run_dir: Path) -> list[dict]:
 def summarize(rows: list[dict]) -> dict:
     timed = rows[2:] or rows  # the first updates include compilation of kernels and allocator warm-up
     mfu = [r["mfu"] for r in timed if "mfu" in r]
-    return {"losses": [r["loss/train"] for r in rows], "tokens_per_second": statistics.median(r["tokens_per_second"] for r in timed),
-            "mfu": statistics.median(mfu) if mfu else None, "peak_memory_gb": max(r["peak_memory_gb"] for r in rows)}
+    summary = {"losses": [r["loss/train"] for r in rows],
+               "tokens_per_second": statistics.median(r["tokens_per_second"] for r in timed),
+               "mfu": statistics.median(mfu) if mfu else None, "peak_memory_gb": max(r["peak_memory_gb"] for r in rows)}
+    if rows and "logps_train/chosen" in rows[0] and "rewards_train/chosen" in rows[0]:  # DPO: the policy's log-probs
+        summary["chosen_logps"] = [r["logps_train/chosen"] for r in rows]
+    return summary
 
 
 def relative(a: float, b: float) -> float:
@@ -176,6 +262,13 @@ def checks(results: dict, stop: int) -> list[tuple[str, bool, str]]:
     compiled = [(f"{name}+compile vs eager, worst update", max(map(relative, results[f"{name}+compile"]["losses"],
                                                                      results[name]["losses"])))
                 for name in ("bf16 padded", "bf16 packed") if f"{name}+compile" in results]
+    dpo = []
+    if "DPO padded" in results and "DPO packed" in results:
+        padded_dpo, packed_dpo = results["DPO padded"], results["DPO packed"]
+        dpo.append(("DPO packed vs padded loss, update 1", relative(packed_dpo["losses"][0], padded_dpo["losses"][0])))
+        if "chosen_logps" in padded_dpo and "chosen_logps" in packed_dpo:
+            dpo.append(("DPO packed vs padded chosen logps, update 1",
+                        relative(packed_dpo["chosen_logps"][0], padded_dpo["chosen_logps"][0])))
     return [
         ("bf16 vs fp32 loss, update 1", gaps[0] <= 0.02, f"{gaps[0]:.2e}"),
         ("bf16 vs fp32 loss, worst update", max(gaps) <= 0.05, f"{max(gaps):.2e}"),
@@ -183,19 +276,22 @@ def checks(results: dict, stop: int) -> list[tuple[str, bool, str]]:
         ("same updates in every case", len({len(bf16), len(fp32), len(packed), len(resumed)}) == 1, f"{len(bf16)}"),
         (f"resumed loss at update {stop + 1} = uninterrupted", relative(resumed[stop], bf16[stop]) <= 1e-4,
          f"{relative(resumed[stop], bf16[stop]):.2e}"),
-        *[(label, gap <= 0.02, f"{gap:.2e}") for label, gap in compiled],
+        *[(label, gap <= 0.02, f"{gap:.2e}") for label, gap in compiled + dpo],
     ]
 
 
-def table(results: dict, verdicts: list[tuple[str, bool, str]], device: str, seconds: dict) -> str:
+def table(results: dict, verdicts: list[tuple[str, bool, str]], device: str, seconds: dict, packed_kernel: str = "") -> str:
     names = list(results)
     width = max(14, max(len(n) for n in names) + 2)
-    lines = [f"gpu_check on {device}", "", f"{'':<34}" + "".join(f"{n:>{width}}" for n in names)]
+    lines = [f"gpu_check on {device}" + (f"; packed cases on {packed_kernel}" if packed_kernel else ""), "",
+             f"{'':<34}" + "".join(f"{n:>{width}}" for n in names)]
 
     def row(label: str, values: list[str]) -> None:
         lines.append(f"{label:<34}" + "".join(f"{v:>{width}}" for v in values))
 
     row("tokens/s (non-pad, median)", [f"{results[n]['tokens_per_second']:.0f}" for n in names])
+    if PLAIN in results:
+        row("x the plain loop", [f"{results[n]['tokens_per_second'] / results[PLAIN]['tokens_per_second']:.2f}" for n in names])
     row("MFU", [f"{results[n]['mfu']:.1%}" if results[n]["mfu"] is not None else "n/a" for n in names])
     row("peak memory GB (rank 0)", [f"{results[n]['peak_memory_gb']:.2f}" for n in names])
     row("wall seconds (launch to exit)", [f"{seconds[n]:.0f}" for n in names])
@@ -211,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU, in-process")
     parser.add_argument("--out", type=Path, default=None, help="where runs go (default: a temporary directory)")
-    parser.add_argument("--attn", default="sdpa_packed", help="attention of the packed case (e.g. flash_attention_2)")
-    parser.add_argument("--compile", action="store_true", help="also the padded and packed cases with compile=true")
+    parser.add_argument("--attn", default="varlen_attn", help="attention of the packed cases (e.g. sdpa_packed)")
+    parser.add_argument("--compile", action="store_true", help="also the padded case with compile=true")
     args = parser.parse_args(argv)
     size = "dry-run" if args.dry_run else "gpu"
     if not args.dry_run:
@@ -221,34 +317,41 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA GPU visible; run with --dry-run to check the check on CPU")
         n_gpus, device = torch.cuda.device_count(), f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+        attn = args.attn
     else:
         n_gpus, device = 0, "CPU (dry run)"
+        attn = DRY_RUN_PACKED if args.attn == "varlen_attn" else args.attn  # varlen_attn's kernel is CUDA-only
     out = args.out or Path(tempfile.mkdtemp(prefix="gpu_check_"))
     out.mkdir(parents=True, exist_ok=True)
-    model_config, rows, _, stop, max_length = SIZES[size]
+    model_config, rows, updates, stop, max_length = SIZES[size]
     model_dir = write_model_dir(out / "model", model_config)
     train, test = write_data(out / "data", rows, max_length // 2)
     base = common_args(size, model_dir, train, test, out)
     results, seconds = {}, {}
-    for name, invocations in cases(size, args.attn, args.compile).items():
+    for name, case in cases(size, attn, args.compile).items():
         run_dir = out / name.replace(" ", "_")
         shutil.rmtree(run_dir, ignore_errors=True)
         start = time.perf_counter()
-        for extra in invocations:
+        if name == PLAIN:
+            results[name] = summarize(plain_loop([*base, f"run_dir={run_dir}"], model_dir, updates,
+                                                 "cpu" if args.dry_run else "cuda", autocast=not args.dry_run))
+            seconds[name] = time.perf_counter() - start
+            continue
+        for extra in case.invocations:
             argv_run = [*base, f"run_dir={run_dir}", *extra]
             if args.dry_run:
-                run_in_process(argv_run, out / "log.txt")
+                run_in_process(argv_run, out / "log.txt", case.script)
             else:
-                print(" ".join(launch_command(n_gpus, argv_run)), flush=True)
-                run_launched(n_gpus, argv_run, out / "log.txt")
+                print(" ".join(launch_command(n_gpus, argv_run, case.script)), flush=True)
+                run_launched(n_gpus, argv_run, out / "log.txt", case.script)
         seconds[name] = time.perf_counter() - start
         results[name] = summarize(train_rows(run_dir))
         for checkpoint in [p for p in run_dir.iterdir() if p.is_dir()]:  # keep metrics.jsonl, free the disk (~11 GB each)
             shutil.rmtree(checkpoint)
     verdicts = checks(results, stop)
-    print(table(results, verdicts, device, seconds))
-    (out / "gpu_check.json").write_text(json.dumps({"device": device, "results": results, "seconds": seconds,
-                                                    "checks": verdicts}, indent=1))
+    print(table(results, verdicts, device, seconds, attn + (" (CPU: varlen_attn needs CUDA)" if attn != args.attn else "")))
+    (out / "gpu_check.json").write_text(json.dumps({"device": device, "packed_kernel": attn, "results": results,
+                                                    "seconds": seconds, "checks": verdicts}, indent=1))
     return 0 if all(ok for _, ok, _ in verdicts) else 1
 
 

@@ -97,12 +97,12 @@ def collate_packed(examples: list[dict], pad_id: int, max_length: int, attention
             position_ids[r, start:] = torch.arange(width - start)
             row_spans.append((start, width))
         spans.append(tuple(row_spans))
-    batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "example_index": example_index}
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "example_index": example_index,
+             "n_examples": len(examples)}
     if flat:
         offsets = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         longest = max(lengths)
-        batch.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets.clone(), max_length_q=longest, max_length_k=longest,
-                     n_examples=len(examples))
+        batch.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets.clone(), max_length_q=longest, max_length_k=longest)
     else:
         batch["packed_spans"] = tuple(spans)
     return batch

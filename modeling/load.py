@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import modeling.packed_attention  # noqa: F401  registers model.attn_implementation=sdpa_packed for every model built here
+import modeling.varlen_attention  # noqa: F401  and varlen_attn
 from modeling.legacy_keys import from_transformers_429
 from training.checkpoint import CheckpointError, load_archive
 from training.config import ModelConfig

@@ -43,7 +43,8 @@ def test_collate_packed_sentinels():
     assert batch["labels"].tolist() == [[-100, -100, -100, 34, 35, 36, 37], [-100, -100, 13, 14, 15, -100, 22]]
     assert batch["example_index"].tolist() == [[2, 2, 2, 2, 2, 2, 2], [0, 0, 0, 0, 0, 1, 1]]
     assert batch["packed_spans"] == (((0, 7),), ((0, 5), (5, 7)))  # computed here, so attention never reads positions back
-    assert set(batch) == {"input_ids", "position_ids", "labels", "example_index", "packed_spans"}
+    assert set(batch) == {"input_ids", "position_ids", "labels", "example_index", "n_examples", "packed_spans"}
+    assert batch["n_examples"] == 3  # a Python int: the loss needs no device read to size its per-example sums
     assert collate_packed(examples, pad_id=-8, max_length=8, attention="sdpa").keys() == batch.keys()
 
 
@@ -224,7 +225,7 @@ def test_sdpa_packed_reads_nothing_back_from_the_device_per_layer(tmp_path, monk
     grow with the number of layers: attention gets the spans from the collate instead of reading position_ids."""
     examples = [example([5, 6, 7], [8, 9]), example([10, 11], [12, 13]), example([14, 15, 16, 17], [18, 19, 20, 21])]
     batch = collate_packed(examples, pad_id=0, max_length=8)
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_index")}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_index", "n_examples")}
     reads = {}
     for layers in (1, 4):
         torch.manual_seed(0)

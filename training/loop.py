@@ -266,6 +266,53 @@ def gather_order(n: int, accelerator, gradient_accumulation_steps: int) -> list[
     return [m * micro + r * local + j for r in range(world) for m in range(gradient_accumulation_steps) for j in range(local)]
 
 
+def token_budget_micro_batches(lengths: list[int], world: int, max_tokens: int,
+                               positions: Callable[[list[int]], int] = sum) -> list[list[list[int]]]:
+    """A global batch split into micro-batches by a token budget: plan[r][m] lists the global-batch indices (ascending)
+    of process r's micro-batch m. `positions(lengths)` is the size of the tensor a micro-batch of examples of these
+    lengths collates to (data/packing.py Collate.positions: the sum for a flat packed row, rows x width when padded).
+
+    A function of the batch's lengths alone, so every process computes the same plan without communicating. Each process
+    gets len / world examples (equal shares: the results are gathered), dealt longest first in a snake order so the
+    shares hold about as many tokens; each share is filled first-fit, longest first, into micro-batches of at most
+    `max_tokens` positions (an example longer than that alone makes one of its own); then every process splits its
+    fullest micro-batches until all have as many as the process with the most, since FSDP's collectives need the same
+    number of forwards everywhere. The loss is unchanged: its denominator is the whole step's (modeling/loss.py).
+    """
+    if len(lengths) % world:
+        raise ValueError(f"{len(lengths)} examples cannot be shared equally by {world} processes")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    shares: list[list[int]] = [[] for _ in range(world)]
+    for k, i in enumerate(order):
+        turn, slot = divmod(k, world)
+        shares[slot if turn % 2 == 0 else world - 1 - slot].append(i)
+    plan = []
+    for share in shares:  # longest first already
+        micros: list[list[int]] = []
+        for i in share:
+            fit = next((m for m in micros if positions([lengths[j] for j in m + [i]]) <= max_tokens), None)
+            if fit is None:
+                micros.append([i])
+            else:
+                fit.append(i)
+        plan.append(micros)
+    n_micro = max(len(micros) for micros in plan)
+    for micros in plan:
+        while len(micros) < n_micro:  # a share has at least n_micro examples, so one micro-batch has two or more
+            fullest = max((m for m in micros if len(m) > 1), key=lambda m: positions([lengths[j] for j in m]))
+            micros.remove(fullest)
+            micros += [fullest[0::2], fullest[1::2]]  # longest first: alternate members keep the halves alike
+    return [sorted((sorted(m) for m in micros), key=lambda m: m[0]) for micros in plan]
+
+
+def plan_gather_order(plan: list[list[list[int]]]) -> list[int]:
+    """Global-batch index of each row of per-process results concatenated over micro-batches, then gathered over processes
+    (gather_order for a token_budget_micro_batches plan)."""
+    return [i for micros in plan for micro in micros for i in micro]
+
+
 def no_sync_unless_last(accelerator, model, m: int, gradient_accumulation_steps: int):
     """DDP: gradient synchronisation only on the step's last micro-batch. FSDP: every micro-batch reduce-scatters.
 
