@@ -195,7 +195,8 @@ def plain_loop(args: list[str], model_dir: Path, updates: int, device: str, auto
     from data.batches import collate, plan_batches
     from data.sft import build_split
     from data.tokenize import TokenizeSettings
-    from training.config import cache_dir, load_config, normalize_data_files
+    from training.checks import normalize_data_files
+    from training.config import cache_dir, load_config
     from training.throughput import peak_memory_gb, synchronize
     from training.tokenizer import load_tokenizer
 

@@ -104,13 +104,14 @@ def test_collate_for_rows_and_padding_are_unchanged():
                            "model": {"name_or_path": "m", "attn_implementation": "sdpa_packed"}})
     rows = collate_for(config, -8)(examples)
     expected = collate_packed(examples, pad_id=-8, max_length=8, attention="sdpa_packed")
-    assert rows.keys() == expected.keys() and "n_examples" not in rows
+    assert rows.keys() == expected.keys() and rows["n_examples"] == 3
     assert all(torch.equal(rows[k], expected[k]) if isinstance(rows[k], torch.Tensor) else rows[k] == expected[k] for k in rows)
     assert collate_for(config, -8).positions([5, 2, 7]) == 2 * 7
     config.packing = False
     padded, plain = collate_for(config, -8)(examples), collate(examples, -8)
     assert padded.keys() == plain.keys() and all(torch.equal(padded[k], plain[k]) for k in padded)
     assert collate_for(config, -8).positions([5, 2, 7]) == 3 * 7
+
 
 def test_collate_packed_filler_and_masks():
     examples = [example([1, 2], [3, 4]), example([], [5, 6, 7], response_mask=[1, 0, 1]), example([8], [9])]
