@@ -5,6 +5,11 @@
     python benchmarks/gpu_check.py --dry-run             # CPU, tiny model, in-process, 4 steps: checks the check itself
     python benchmarks/gpu_check.py --compile             # also bf16 padded with compile=true (compile time on top)
     python benchmarks/gpu_check.py --attn sdpa_packed    # the packed cases on another kernel
+    python benchmarks/gpu_check.py --cases "DPO packed"  # the required cases and these (comma-separated)
+
+Optional cases are skipped once the elapsed time plus the slowest case so far would pass --budget-minutes (8); the
+table then names them. After the table, the speed targets (packed >= 2x padded, best full fine-tuning >= 35% MFU and
+>= 5x the plain loop, its peak memory <= the plain loop's, DPO packed >= 2x DPO padded) say met or miss.
 
 Needs torch with CUDA, transformers and accelerate, plus the rest of requirements.txt that the training script imports
 (datasets, tokenizers, safetensors, pyyaml, rich, numpy, matplotlib); flash-attn is not needed (the packed cases run
@@ -77,6 +82,7 @@ BATCH = {"gpu": 32, "dry-run": 8}
 SHORT = {"bf16 packed+compile": 6, "bf16 padded+compile": 6, "DPO padded": 4, "DPO packed": 4, "LoRA packed": 4}  # updates
 PLAIN = "plain loop"
 DRY_RUN_PACKED = "sdpa_packed"  # the CPU packed kernel, used for --attn in a dry run
+REQUIRED = (PLAIN, "bf16 padded", "bf16 packed", "fp32 padded", "bf16 resumed")  # first: the checks need them
 
 
 class Case(NamedTuple):
@@ -281,6 +287,33 @@ def checks(results: dict, stop: int) -> list[tuple[str, bool, str]]:
     ]
 
 
+def target_lines(results: dict) -> list[str]:
+    """The speed targets of the headline path, as measured (informational: the exit status is the checks')."""
+    def rate(name: str) -> float | None:
+        return results[name]["tokens_per_second"] if name in results else None
+
+    full = [n for n in results if n != PLAIN and n != "bf16 resumed" and not n.startswith(("LoRA", "DPO"))]
+    best = max(full, key=lambda n: results[n]["tokens_per_second"]) if full else None
+    mfus = [(results[n]["mfu"], n) for n in full if results[n]["mfu"] is not None]
+    wanted = [
+        ("packed / bf16 padded tokens/s", rate("bf16 packed"), rate("bf16 padded"), 2.0),
+        ("best full fine-tuning / plain loop tokens/s", rate(best) if best else None, rate(PLAIN), 5.0),
+        ("DPO packed / DPO padded tokens/s", rate("DPO packed"), rate("DPO padded"), 2.0),
+    ]
+    lines = ["", "targets (informational)"]
+    for label, a, b, goal in wanted:
+        if a is not None and b:
+            lines.append(f"{'met ' if a / b >= goal else 'miss'} {label:<46}{a / b:>11.2f}x  (>= {goal:g}x)")
+    if mfus:
+        mfu, name = max(mfus)
+        lines.append(f"{'met ' if mfu >= 0.35 else 'miss'} {'best full fine-tuning MFU (' + name + ')':<46}{mfu:>12.1%}  (>= 35%)")
+    if best and PLAIN in results:
+        peak, plain = results[best]["peak_memory_gb"], results[PLAIN]["peak_memory_gb"]
+        lines.append(f"{'met ' if peak <= plain else 'miss'} {'peak memory of ' + best + ' / plain loop':<46}"
+                     f"{peak / max(plain, 1e-9):>11.2f}x  (<= 1x)")
+    return lines
+
+
 def table(results: dict, verdicts: list[tuple[str, bool, str]], device: str, seconds: dict, packed_kernel: str = "") -> str:
     names = list(results)
     width = max(14, max(len(n) for n in names) + 2)
@@ -310,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where runs go (default: a temporary directory)")
     parser.add_argument("--attn", default="varlen_attn", help="attention of the packed cases (e.g. sdpa_packed)")
     parser.add_argument("--compile", action="store_true", help="also the padded case with compile=true")
+    parser.add_argument("--cases", default=None, help=f"comma-separated cases to run (default: all; {', '.join(REQUIRED)} "
+                        "always run, the checks need them)")
+    parser.add_argument("--budget-minutes", type=float, default=8.0,
+                        help="skip an optional case once the elapsed time plus the slowest case so far would pass this")
     args = parser.parse_args(argv)
     size = "dry-run" if args.dry_run else "gpu"
     if not args.dry_run:
@@ -328,8 +365,20 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = write_model_dir(out / "model", model_config)
     train, test = write_data(out / "data", rows, max_length // 2)
     base = common_args(size, model_dir, train, test, out)
-    results, seconds = {}, {}
-    for name, case in cases(size, attn, args.compile).items():
+    results, seconds, skipped = {}, {}, []
+    chosen = cases(size, attn, args.compile)
+    if args.cases:
+        wanted = {n.strip() for n in args.cases.split(",")}
+        unknown = wanted - set(chosen)
+        if unknown:
+            raise SystemExit(f"--cases: unknown {', '.join(sorted(unknown))}; choose from {', '.join(chosen)}")
+        chosen = {n: c for n, c in chosen.items() if n in wanted or n in REQUIRED}
+    began = time.perf_counter()
+    for name, case in chosen.items():
+        if name not in REQUIRED and seconds and \
+                time.perf_counter() - began + max(seconds.values()) > args.budget_minutes * 60:
+            skipped.append(name)  # the required cases come first, so the checks always have their runs
+            continue
         run_dir = out / name.replace(" ", "_")
         shutil.rmtree(run_dir, ignore_errors=True)
         start = time.perf_counter()
@@ -351,8 +400,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(checkpoint)
     verdicts = checks(results, stop)
     print(table(results, verdicts, device, seconds, attn + (" (CPU: varlen_attn needs CUDA)" if attn != args.attn else "")))
+    print("\n".join(target_lines(results)))
+    if skipped:
+        print(f"skipped (--budget-minutes {args.budget_minutes:g}): {', '.join(skipped)}")
     (out / "gpu_check.json").write_text(json.dumps({"device": device, "packed_kernel": attn, "results": results,
-                                                    "seconds": seconds, "checks": verdicts}, indent=1))
+                                                    "seconds": seconds, "checks": verdicts, "skipped": skipped}, indent=1))
     return 0 if all(ok for _, ok, _ in verdicts) else 1
 
 

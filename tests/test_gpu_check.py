@@ -87,3 +87,20 @@ def test_gpu_check_cases_their_updates_and_checks():
     verdicts = {label: ok for label, ok, _ in gpu_check.checks(results, 1)}
     assert verdicts["bf16 padded+compile vs eager, worst update"] and not verdicts["bf16 packed+compile vs eager, worst update"]
     assert verdicts["DPO packed vs padded loss, update 1"] and not verdicts["DPO packed vs padded chosen logps, update 1"]
+
+
+def test_gpu_check_targets_say_met_or_miss_from_the_measured_rates():
+    gpu_check = load_gpu_check()
+
+    def case(rate, mfu=None, peak=10.0):
+        return {"tokens_per_second": rate, "mfu": mfu, "peak_memory_gb": peak, "losses": [1.0]}
+
+    results = {"plain loop": case(10_000, peak=50), "bf16 padded": case(20_000, 0.11, 34), "bf16 packed": case(45_000, 0.36, 20),
+               "bf16 resumed": case(90_000, 0.9, 99), "DPO padded": case(8_000), "DPO packed": case(12_000)}
+    lines = gpu_check.target_lines(results)
+    assert "met  packed / bf16 padded tokens/s                        2.25x  (>= 2x)" in lines
+    # the best full fine-tuning case is bf16 packed: the stopped-and-resumed run's rate never counts
+    assert "miss best full fine-tuning / plain loop tokens/s          4.50x  (>= 5x)" in lines
+    assert "miss DPO packed / DPO padded tokens/s                     1.50x  (>= 2x)" in lines
+    assert "met  best full fine-tuning MFU (bf16 packed)              36.0%  (>= 35%)" in lines
+    assert "met  peak memory of bf16 packed / plain loop              0.40x  (<= 1x)" in lines
