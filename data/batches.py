@@ -96,12 +96,17 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     for i, (e, s) in enumerate(zip(examples, seqs)):
         input_ids[i, : len(s)] = torch.tensor(s)
         attention_mask[i, : len(s)] = 1
-        p = len(e["prompt_ids"])
-        response = torch.tensor(e["response_ids"], dtype=torch.long)
-        if e.get("response_mask") is not None:  # multi-turn chats: later user turns sit in the response unsupervised
-            response = response.masked_fill(torch.tensor(e["response_mask"], dtype=torch.long) == 0, -100)
-        labels[i, p : len(s)] = response
+        labels[i, len(e["prompt_ids"]) : len(s)] = response_labels(e)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def response_labels(example: dict) -> torch.Tensor:
+    """The response ids, -100 where `response_mask` (when present) marks a token as unsupervised (multi-turn chats: later
+    user turns sit in the response unsupervised)."""
+    response = torch.tensor(example["response_ids"], dtype=torch.long)
+    if example.get("response_mask") is not None:
+        response = response.masked_fill(torch.tensor(example["response_mask"], dtype=torch.long) == 0, -100)
+    return response
 
 
 def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data.batches import collate
+from data.batches import collate, response_labels
 from training.attention import packed_layout
 from training.config import Config
 
@@ -106,14 +106,6 @@ def collate_packed(examples: list[dict], pad_id: int, max_length: int, attention
     else:
         batch["packed_spans"] = tuple(spans)
     return batch
-
-
-def response_labels(example: dict) -> torch.Tensor:
-    """The response ids, -100 where `response_mask` (when present) marks a token as unsupervised."""
-    response = torch.tensor(example["response_ids"], dtype=torch.long)
-    if example.get("response_mask") is not None:
-        response = response.masked_fill(torch.tensor(example["response_mask"], dtype=torch.long) == 0, -100)
-    return response
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:
