@@ -10,7 +10,8 @@ resume; SLOW_DATA=SECONDS makes the main process prepare the data that much slow
 main_process_first, a barrier of the training process group); MEASURE_SAVE_MEMORY=1 records the main process's peak extra
 resident memory during each step-N save (with its background write) in {run_dir}/save_memory.json;
 SLOW_LATEST_WRITE=SECONDS makes writing LATEST/policy.pt that slow; BARRIER_AFTER_SAVE=1 puts back a barrier after each
-save (all processes wait for the main process's write).
+save (all processes wait for the main process's write); MMAP_THRESHOLD=BYTES is glibc's MALLOC_MMAP_THRESHOLD_ set from
+here (a forked process never reads that variable): larger blocks go back to the system when freed.
 
 accelerate refuses both on CPU, so the Accelerator is built for CPU and its state switched afterwards (tests/forcing.py);
 everything else is the real script. Real runs get these from the launch config on GPUs.
@@ -127,6 +128,11 @@ def slow_first_split(build_split, seconds):
     return slow
 
 
+if os.environ.get("MMAP_THRESHOLD"):
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter; setting it also turns off the dynamic threshold, as the variable does
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(os.environ["MMAP_THRESHOLD"]))
 if MODE != "plain":
     script.build_accelerator = lambda config: forced_accelerator(MODE, config)
 if os.environ.get("SLOW_DATA"):
