@@ -41,6 +41,7 @@ from training.adapters import unwrap
 
 log = logging.getLogger(__name__)
 
+ROW_SUM_WIDTH = 64  # padded rows are summed over a multiple of this many positions (see example_sums)
 # Config attributes of models whose forward transforms the head's output; their loss needs the real logits.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -166,10 +167,16 @@ def example_sums(nll: torch.Tensor, supervised: torch.Tensor, owner: torch.Tenso
     Right-padded rows (`owner` None) are summed along the row, zeros at the unsupervised positions: the reference's own
     reduction (log-probs times the mask, summed over the padded row), so summed log-probs round as the reference's do. A
     one-by-one index_add_ over a few hundred tokens rounds differently by ~1e-6 relative, and IPO's (h - 1/(2 beta))^2 of a
-    difference of four such sums turns that into ~1e-4 on its losses and gradients. Packed rows hold several examples: each
-    position's NLL is added to the sum of the example that `owner` names."""
+    difference of four such sums turns that into ~1e-4 on its losses and gradients. The row is widened with zeros to a
+    multiple of ROW_SUM_WIDTH: a vectorised sum handles the positions past the last whole vector in another order, so without
+    it an example's sum would depend on whether it is the longest of its batch (precomputed reference log-probs, scored in
+    other batches, would then differ from live ones). Packed rows hold several examples: each position's NLL is added to the
+    sum of the example that `owner` names."""
     if owner is None:
-        return nll.new_zeros(supervised.shape).masked_scatter(supervised, nll).sum(-1), supervised.sum(-1)
+        rows, width = supervised.shape
+        wide = torch.zeros(rows, -(-width // ROW_SUM_WIDTH) * ROW_SUM_WIDTH, dtype=torch.bool, device=supervised.device)
+        wide[:, :width] = supervised
+        return nll.new_zeros(wide.shape).masked_scatter(wide, nll).sum(-1), supervised.sum(-1)
     owner = owner[:, 1:][supervised]
     sums = torch.zeros(n_examples, dtype=torch.float32, device=nll.device).index_add_(0, owner, nll)
     return sums, torch.bincount(owner, minlength=n_examples)

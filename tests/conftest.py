@@ -34,3 +34,22 @@ def reference_dir() -> Path:
     if not (REFERENCE / "tiny-gpt2").is_dir():
         pytest.skip(f"reference outputs not available at {REFERENCE}")
     return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """The 2-layer Llama checkpoint of the multi-process tests (tests/test_distributed.py make_tiny_llama), made once; runs
+    only read it."""
+    from tests.test_distributed import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def dist_runs(tmp_path_factory, tiny_llama) -> dict:
+    """The 1-process run of tests/test_distributed.py's recipe, which the 2-process, resumed and compiled runs are compared
+    with; made once per session (tests only read it)."""
+    from tests.test_distributed import launch
+
+    tmp = tmp_path_factory.mktemp("runs")
+    return {"tmp": tmp, "model": tiny_llama, "1proc": launch(tmp, tmp / "1proc", tiny_llama, "1proc")}

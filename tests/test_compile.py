@@ -245,14 +245,13 @@ def test_compile_without_a_cpp_compiler_fails_before_any_work(tmp_path, monkeypa
 
 @pytest.mark.slow
 @compiles
-def test_compiled_fsdp2_two_processes_match_one_eager_process(tmp_path):
+def test_compiled_fsdp2_two_processes_match_one_eager_process(dist_runs, tmp_path):
     """Blocks compiled before accelerator.prepare shards them (FSDP2 forced on 2 CPU processes): the losses, grad norms,
-    evals, samples and the full policy.pt and optimizer.pt equal one eager process's."""
-    from tests.test_distributed import assert_same_training, launch, make_tiny_llama, metrics
+    evals, samples and the full policy.pt and optimizer.pt equal one eager process's (tests/conftest.py dist_runs)."""
+    from tests.test_distributed import assert_same_training, launch, metrics
 
-    model = make_tiny_llama(tmp_path / "model")
-    eager = launch(tmp_path, tmp_path / "eager", model, "1proc", "save_full_optimizer=true")
-    fsdp = launch(tmp_path, tmp_path / "fsdp", model, "fsdp", "compile=true", "save_full_optimizer=true")
+    eager = dist_runs["1proc"]
+    fsdp = launch(tmp_path, tmp_path / "fsdp", dist_runs["model"], "fsdp", "compile=true", "save_full_optimizer=true")
     assert_same_training(fsdp, eager, rel=1e-4)
     assert [m["compile/graphs"] > 0 for m in metrics(fsdp) if "loss/train" in m] == [True] * 3
     units = dict(json.loads((fsdp / "parallel.json").read_text())["fsdp_units"])

@@ -40,8 +40,6 @@ from training.state_dicts import ids_to_names, names_to_ids
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "recipes" / "demo"
 FORCED = REPO / "tests" / "dist_scripts" / "forced_launch.py"
-LAUNCH_2 = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
 
 
 def make_tiny_llama(path: Path, hidden: int = 32, layers: int = 2) -> Path:
@@ -54,11 +52,6 @@ def make_tiny_llama(path: Path, hidden: int = 32, layers: int = 2) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(DEMO / name, path / name)
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def recipe(model_dir: Path, **extra) -> list[str]:
@@ -293,8 +286,10 @@ def run_forked(command: list[str], tmp: Path, timeout: float = 300, **env) -> su
     and without fresh interpreters: two children forked from this process, which has torch, transformers and the scripts
     imported already (about 10 s per run on 2 cores). Each child gets the environment the launcher gives its workers
     (RANK, WORLD_SIZE, MASTER_ADDR, ... and accelerate's settings), its own accelerate state, and runs the script as
-    __main__; whatever a run patches ends with its child. Not for runs that need a fresh interpreter: environment read at
-    start-up (MALLOC_*), or inductor, whose compile workers belong to this process."""
+    __main__; whatever a run patches ends with its child, and when one child fails the other is stopped, as the launcher
+    does. A compile=true child compiles in its own thread (the compile workers of this process are not the child's); the
+    compile caches are shared. Environment read at interpreter start-up (MALLOC_*) does not reach a child: set such things
+    from the script (forced_launch.py's MMAP_THRESHOLD)."""
     import socket
 
     with socket.socket() as s:
@@ -321,6 +316,10 @@ def run_forked(command: list[str], tmp: Path, timeout: float = 300, **env) -> su
                 logging.root.setLevel(logging.WARNING)
                 AcceleratorState._reset_state(True)
                 GradientState._reset_state()
+                if "compile=true" in command:
+                    import torch._inductor.config as inductor
+
+                    inductor.compile_threads = 1
                 sys.argv = [str(c) for c in command]
                 runpy.run_path(sys.argv[0], run_name="__main__")
                 code = 0
@@ -366,8 +365,8 @@ def in_process(args: list[str]) -> None:
 
 def launch(tmp: Path, run_dir: Path, model_dir: Path, mode: str, *extra: str, env: dict | None = None, ok: bool = True):
     """mode: 1proc (sft_train.main in this process: the reference runs need no fresh interpreter, and the real command line
-    is run by ddp and tests/test_first_contact.py), ddp (cpu_2proc.yaml), fsdp or tp (forced on 2 CPU processes, forked:
-    see run_forked). `env`: more environment variables (forced_launch.py's hooks). `ok=False`: the run must fail; its output is
+    is run by ddp and tests/test_first_contact.py), ddp (cpu_2proc.yaml through the real launcher), ddp_forked (the same 2
+    gloo processes, forked: see run_forked), fsdp or tp (forced on 2 CPU processes, forked). `env`: more environment variables (forced_launch.py's hooks). `ok=False`: the run must fail; its output is
     returned."""
     args = [*recipe(model_dir), f"run_dir={run_dir}", f"local_dirs=[{tmp / 'cache'}]", *extra]
     env = env or {}
@@ -380,13 +379,12 @@ def launch(tmp: Path, run_dir: Path, model_dir: Path, mode: str, *extra: str, en
         # each log every step, which assert_same_training catches).
         result = run(["-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml", "sft_train.py", *args],
                      tmp, ACCELERATE_USE_CPU=None)
+    elif mode == "ddp_forked":
+        result = run_forked([REPO / "sft_train.py", *args], tmp, **env)
     else:
         fsdp_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
         env = {**(fsdp_env if mode == "fsdp" else {}), **env}
-        if ok and "compile=true" not in extra and not any(k.startswith("MALLOC_") for k in env):
-            result = run_forked([FORCED, mode, *args], tmp, **env)
-        else:  # see run_forked for what needs a fresh interpreter; a run that must fail gets the real launcher's handling
-            result = run([*LAUNCH_2, str(FORCED), mode, *args], tmp, **env)
+        result = run_forked([FORCED, mode, *args], tmp, **env)
     if not ok:
         assert result.returncode != 0, "the run should have failed"
         return result.stdout + result.stderr
@@ -429,10 +427,9 @@ def assert_same_checkpoint(ours: Path, theirs: Path, atol: float = 1e-5) -> None
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_llama) -> dict:
-    """The 1-process baseline; the other runs are added by the tests that make them."""
-    tmp = tmp_path_factory.mktemp("runs")
-    return {"tmp": tmp, "model": tiny_llama, "1proc": launch(tmp, tmp / "1proc", tiny_llama, "1proc")}
+def runs(dist_runs) -> dict:
+    """The 1-process baseline (tests/conftest.py dist_runs)."""
+    return dist_runs
 
 
 @pytest.mark.slow
@@ -536,7 +533,7 @@ def test_sharded_save_holds_one_full_copy_on_rank_0_and_no_process_waits_for_its
     model = make_tiny_llama(tmp_path / "model", hidden=256, layers=4)
     model_bytes = sum(t.numel() * t.element_size() for t in transformers.AutoModelForCausalLM.from_pretrained(model).state_dict().values())
     extra = ("n_examples=8", "eval_every=4", "sample_during_eval=false", "dist_timeout_minutes=0.1")
-    env = {"MALLOC_MMAP_THRESHOLD_": "65536",  # large blocks go back to the system when freed, so RSS follows live memory
+    env = {"MMAP_THRESHOLD": "65536",  # large blocks go back to the system when freed, so RSS follows live memory
            "SLOW_LATEST_WRITE": "10"}
     run_dir = launch(runs["tmp"], tmp_path / "run", model, "fsdp", *extra, env={**env, "MEASURE_SAVE_MEMORY": "1", "SLOW_DATA": "10"})
     peak = json.loads((run_dir / "save_memory.json").read_text())["step-4"]

@@ -148,7 +148,9 @@ def test_precomputed_reference_logps_equal_the_live_reference(tiny, capsys):
     assert [r["examples_seen"] for r in pre_eval] == [0, 8, 16, 24, 32]
     for a, b in zip(live_eval, pre_eval):
         assert b["loss/eval"] == pytest.approx(a["loss/eval"], rel=1e-5), a["examples_seen"]
-        assert b["rewards_eval/chosen"] == pytest.approx(a["rewards_eval/chosen"], rel=1e-5, abs=1e-5), a["examples_seen"]
+        # rewards hold the policy's log-probs: a one-ulp reference difference (batch composition) at one train pair grows to
+        # ~1e-4 in them after a few SGD steps at lr 1; a reference scored with the trained policy would be off by ~1
+        assert b["rewards_eval/chosen"] == pytest.approx(a["rewards_eval/chosen"], rel=1e-5, abs=1e-4), a["examples_seen"]
     assert live_eval[-1]["loss/eval"] < math.log(2) - 1e-3  # training moved the policy away from the reference
 
     run_main(dpo_args(tiny, "pre-again", reference_logps="precompute", **common))

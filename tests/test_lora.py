@@ -15,7 +15,7 @@ import transformers
 
 from modeling.lora import add_adapters
 from training.adapters import adapter_layout, merged_state
-from tests.test_distributed import assert_same_checkpoint, assert_same_training, launch, make_tiny_llama, metrics
+from tests.test_distributed import assert_same_checkpoint, assert_same_training, launch, metrics
 from training.checks import validate
 from training.config import ConfigError, LoraConfig, load_config
 
@@ -82,9 +82,8 @@ def test_lora_config_errors(over, message):
 
 
 @pytest.fixture(scope="module")
-def lora_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lora")
-    model = make_tiny_llama(tmp / "model")
+def lora_runs(tmp_path_factory, tiny_llama):
+    tmp, model = tmp_path_factory.mktemp("lora"), tiny_llama
     return {"tmp": tmp, "model": model, "1proc": launch(tmp, tmp / "1proc", model, "1proc", *LORA, "export=true")}
 
 
@@ -152,7 +151,8 @@ def test_lora_resume_is_bit_exact(lora_runs):
 
 @pytest.mark.slow
 def test_lora_ddp_two_processes_match_one_process(lora_runs):
-    run_dir = launch(lora_runs["tmp"], lora_runs["tmp"] / "ddp", lora_runs["model"], "ddp", *LORA)
+    # forked: the launcher and cpu_2proc.yaml are tests/test_distributed.py's DDP run
+    run_dir = launch(lora_runs["tmp"], lora_runs["tmp"] / "ddp", lora_runs["model"], "ddp_forked", *LORA)
     assert_same_training(run_dir, lora_runs["1proc"])
 
 

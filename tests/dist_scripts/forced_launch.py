@@ -11,7 +11,9 @@ main_process_first, a barrier of the training process group); MEASURE_SAVE_MEMOR
 resident memory during each step-N save (with its background write) in {run_dir}/save_memory.json;
 SLOW_LATEST_WRITE=SECONDS makes writing LATEST/policy.pt that slow; BARRIER_AFTER_SAVE=1 puts back a barrier after each
 save (all processes wait for the main process's write); FULL_DISK=MATCH:BYTES[@RANK] makes checkpoint files whose path
-contains MATCH fail with ENOSPC after BYTES (tests/full_disk.py), on process RANK only if given.
+contains MATCH fail with ENOSPC after BYTES (tests/full_disk.py), on process RANK only if given; MMAP_THRESHOLD=BYTES is glibc's
+MALLOC_MMAP_THRESHOLD_ set from here (a forked process never reads that variable): larger blocks go back to the system
+when freed.
 
 accelerate refuses both on CPU, so the Accelerator is built for CPU and its state switched afterwards (tests/forcing.py);
 everything else is the real script. Real runs get these from the launch config on GPUs.
@@ -129,6 +131,11 @@ def slow_first_split(build_split, seconds):
     return slow
 
 
+if os.environ.get("MMAP_THRESHOLD"):
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter; setting it also turns off the dynamic threshold, as the variable does
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(os.environ["MMAP_THRESHOLD"]))
 if MODE != "plain":
     script.build_accelerator = lambda config: forced_accelerator(MODE, config)
 if os.environ.get("SLOW_DATA"):
