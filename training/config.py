@@ -9,7 +9,8 @@ Defaults live here and only here. A run's config is built in three layers, later
 
 `model` names a preset (`model=pythia28`, or `model: {name: pythia28, ...}` in YAML); the preset fills the model fields and any
 explicit `model.*` key wins over it. Unknown keys and values of the wrong type are errors that name the key (and the closest valid
-key). The valid values and the cross-field rules are in training/checks.py (`validate`), the model's whereabouts in
+key of the whole tree). Keys of the transformers/TRL world are in DIALECT: accepted as this suite's key where they mean exactly
+the same, else refused with what to use. The valid values and the cross-field rules are in training/checks.py (`validate`), the model's whereabouts in
 training/model_source.py, the attention kernel in training/attention.py.
 """
 
