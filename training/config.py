@@ -401,7 +401,8 @@ DIALECT: dict[str, Alias | str] = {
     "lora_target_modules": Alias("lora.target_modules"),
     "ref_model": ("model.archive: the reference model is the starting policy itself (model.name_or_path with model.archive "
                   "loaded), frozen in model.reference_dtype"),
-    "config": "the recipe file as the first argument, before the key=value words: sft_train.py RECIPE.yaml key=value ...",
+    "config": ("the recipe file as the first argument, before the key=value words: python sft_train.py RECIPE.yaml key=value "
+               "(dpo_train.py the same)"),
     "config_file": ("it with the launcher (accelerate launch --config_file FILE sft_train.py RECIPE.yaml ...); the recipe is "
                     "the script's first argument"),
     "per_device_train_batch_size": "batch_size, the global batch (per-device batch x processes x gradient_accumulation_steps)",
