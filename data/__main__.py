@@ -31,7 +31,7 @@ from data.sft import build_split
 from data.tokenize import TokenizeSettings
 from training.cli import normalize_args, run_main
 from training.checks import normalize_data_files
-from training.config import Config, ConfigError, build_config, cache_dir, load_recipe, parse_value, set_dotted
+from training.config import Config, ConfigError, apply_overrides, build_config, cache_dir, load_recipe, parse_value
 from training.model_source import locate_model_file
 
 log = logging.getLogger("data")
@@ -79,12 +79,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
             tree["model"] = {"name_or_path": args.tokenizer}
     else:
         raise ConfigError(f"{args.source!r} is neither a recipe file nor a dataset name ({', '.join(LOADERS)})")
+    overrides = []
     for item in args.overrides:
         if "=" not in item:
             raise ConfigError(f"unexpected argument {item!r}: overrides are key=value")
         key, _, raw = item.partition("=")
-        set_dotted(tree, key.strip(), parse_value(raw))
-    return build_config(tree)
+        overrides.append((key.strip(), parse_value(raw)))
+    return build_config(apply_overrides(tree, overrides))
 
 
 def load_split(config: Config, split: str):

@@ -14,6 +14,7 @@ import json
 import os
 from typing import Iterable, Iterator
 
+from training.checks import no_files_message
 from training.errors import UserError
 from training.files import json_lines
 
@@ -26,8 +27,7 @@ class DataError(UserError, ValueError):
 
 def no_files_error(name: str, split: str) -> DataError:
     """A dataset without a hub source (jsonl: your own rows) named without local files for `split`."""
-    return DataError(f"datasets=[{name}] reads your own files and none are given for the {split} split: set "
-                     f"data_files.{name}.train=PATH and data_files.{name}.test=PATH (or data_files.{name}=PATH for both)")
+    return DataError(no_files_message(name, split))
 
 
 def resolve_paths(spec: str | list[str]) -> list[str]:

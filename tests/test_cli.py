@@ -86,13 +86,84 @@ def test_key_value_spellings():
 
 
 @pytest.mark.parametrize("key, hint", [
-    ("learning_rate", "lr"), ("num_train_epochs", "n_epochs"), ("per_device_train_batch_size", "batch_size (the global batch"),
+    ("per_device_train_batch_size", "batch_size, the global batch (per-device batch x processes x gradient_accumulation_steps)"),
     ("model_name_or_path", "model.name_or_path"), ("output_dir", "run_dir"), ("max_seq_length", "max_length"),
     ("bf16", "model.policy_dtype=bfloat16"), ("gradient_checkpointing", "activation_checkpointing"),
+    ("ref_model", "model.archive: the reference model is the starting policy itself"),
+    ("config", "the recipe file as the first argument, before the key=value words"),
 ])
-def test_hf_and_trl_keys_get_pointed_suggestions(key, hint):
-    with pytest.raises(ConfigError, match=rf"unknown config key '{key}': this suite calls it {hint.replace('(', '[(]')}"):
+def test_hf_and_trl_keys_of_another_meaning_say_what_to_use(key, hint):
+    with pytest.raises(ConfigError, match=rf"unknown config key '{key}': use {hint.replace('(', '[(]').replace(')', '[)]')}"):
         load_config([f"--{key}", "1"])
+
+
+@pytest.mark.parametrize("words, key, value", [
+    (["--learning_rate", "1e-5"], "lr", 1e-5),
+    (["--num_train_epochs", "3"], "n_epochs", 3),
+    (["--beta", "0.1"], "loss.beta", 0.1),
+    (["--label_smoothing", "0.2"], "loss.label_smoothing", 0.2),
+    (["--loss_type", "sigmoid"], "loss.name", "dpo"),
+    (["--precompute_ref_log_probs"], "reference_logps", "precompute"),
+    (["--precompute_ref_log_probs", "false"], "reference_logps", "live"),
+    (["--use_peft"], "lora.enabled", True),
+    (["--lora_r", "8"], "lora.r", 8),
+    (["--lora_alpha", "16"], "lora.alpha", 16.0),
+    (["--lora_dropout", "0.05"], "lora.dropout", 0.05),
+    # TRL's names that are this suite's own keys
+    (["--max_length", "128"], "max_length", 128),
+    (["--max_prompt_length", "64"], "max_prompt_length", 64),
+    (["--gradient_accumulation_steps", "2"], "gradient_accumulation_steps", 2),
+])
+def test_trl_keys_of_the_same_meaning_are_accepted(words, key, value, caplog):
+    with caplog.at_level("INFO"):
+        config = load_config(words)
+    got = config
+    for part in key.split("."):
+        got = getattr(got, part)
+    assert got == value and type(got) is type(value)
+    if words[0][2:] not in config_fields():
+        assert f"{words[0][2:]} read as {key}=" in caplog.text
+
+
+def test_a_trl_alias_overrides_the_recipe_and_a_recipe_holds_one_spelling(tmp_path):
+    assert load_config([str(REPO / "recipes" / "demo.yaml"), "--learning_rate", "2e-3"]).lr == 2e-3
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 1.0e-5\nbeta: 0.1\n")
+    c = load_config([str(recipe), "lr=3e-5"])
+    assert (c.lr, c.loss.beta) == (3e-5, 0.1)
+    recipe.write_text("learning_rate: 1.0e-5\nlr: 2.0e-5\n")
+    with pytest.raises(ConfigError, match="learning_rate and lr are the same key here: give only lr"):
+        load_config([str(recipe)])
+
+
+@pytest.mark.parametrize("words, message", [
+    (["--loss_type", "ipo"], "loss_type=ipo: use loss.name=dpo (TRL's sigmoid; loss.label_smoothing makes it conservative DPO) "
+                             "or loss.name=ipo (IPO on summed log-probs, as the DPO reference; TRL's ipo averages them per token)"),
+    (["--loss_type", "hinge"], "loss_type=hinge: use loss.name=dpo"),
+    (["--num_train_epochs", "2.5"], "num_train_epochs (n_epochs here): expected an integer, got 2.5"),
+    (["--lora_r", "eight"], "lora_r (lora.r here): expected an integer, got 'eight'"),
+])
+def test_trl_values_without_the_same_meaning_are_refused(words, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(words)
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize("word, hint", [
+    ("lora_rank=8", "lora.r"), ("label_smothing=0.1", "loss.label_smoothing"), ("logits_chunk_tokens=64", "loss.logits_chunk_tokens"),
+    ("reference_dtyp=float32", "model.reference_dtype"), ("lora.rnk=8", "lora.r"), ("learning_rat=1", "lr"), ("lrr=1", "lr"),
+    ("loss.bta=1", "loss.beta"), ("los={beta: 1}", "loss"),
+])
+def test_suggestions_consider_every_dotted_key_and_the_aliases(word, hint):
+    with pytest.raises(ConfigError, match=rf"unknown config key '{word.partition('=')[0]}' \(did you mean '{hint}'\?\)"):
+        load_config([word])
+
+
+def test_the_dialect_names_no_key_of_this_suite_and_aliases_name_real_keys():
+    from training.config import DIALECT, Alias, Config
+
+    assert not set(DIALECT) & set(config_fields()) and not set(DIALECT) & set(Config.__dataclass_fields__)
+    assert all(alias.key in config_fields() for alias in DIALECT.values() if isinstance(alias, Alias))
 
 
 def test_model_shorthand_and_command_line_model_replaces_the_recipe_model():
@@ -119,7 +190,7 @@ def test_ranges_are_checked_by_key(over, message):
     config = load_config(["exp_name=x", "model.name_or_path=recipes/demo", *over])
     with pytest.raises(ConfigError) as e:
         validate(config)
-    assert str(e.value) == message
+    assert str(e.value).startswith(message)
     assert load_config(["max_grad_norm=inf"]).max_grad_norm == float("inf")  # no clipping is a valid choice
 
 

@@ -8,6 +8,7 @@ import sft_train
 from training.attention import resolve_attention
 from training.checks import validate
 from training.config import MODEL_PRESETS, Config, ConfigError, load_config, save_config
+from training.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -53,6 +54,49 @@ def test_recipe_then_overrides(tmp_path):
 def test_explicit_model_keys_beat_the_preset():
     c = load_config(["model=gpt2-xl", "model.name_or_path=/models/my-gpt2", "model.block_name=MyBlock"])
     assert (c.model.name_or_path, c.model.block_name) == ("/models/my-gpt2", "MyBlock")
+
+
+@pytest.mark.parametrize("args", [
+    ["model=recipes/demo", "model.policy_dtype=bfloat16"],
+    ["model.policy_dtype=bfloat16", "model=recipes/demo"],
+    ["recipes/demo_dpo.yaml", "model=recipes/demo", "model.policy_dtype=bfloat16", "model.archive=runs/x/LATEST/policy.pt"],
+    ["recipes/demo.yaml", "model.policy_dtype=bfloat16", "model=someorg/some-model"],
+    ["RECIPE", "model.policy_dtype=bfloat16"],  # the recipe says `model: someorg/some-model`
+])
+def test_a_model_directory_or_hub_id_takes_model_keys_in_any_order(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("exp_name: a\nmodel: someorg/some-model\n")
+    c = load_config([str(recipe) if a == "RECIPE" else a for a in args])
+    source = "someorg/some-model" if "model=someorg/some-model" in args or "RECIPE" in args else "recipes/demo"
+    assert (c.model.name, c.model.name_or_path, c.model.policy_dtype) == ("blank_model", source, "bfloat16")
+    assert c.model.random_init is False  # model=... replaced the recipe's model section
+    if "recipes/demo_dpo.yaml" in args:
+        assert c.model.archive == "runs/x/LATEST/policy.pt" and c.loss.name == "dpo"
+
+
+@pytest.mark.parametrize("recipe", ["demo.yaml", "demo_dpo.yaml"])
+def test_command_line_datasets_drop_the_recipe_files_of_the_datasets_it_no_longer_names(recipe, monkeypatch, caplog):
+    monkeypatch.chdir(REPO)
+    own = ["data_files.jsonl.train=mine/train.jsonl", "data_files.jsonl.test=mine/test.jsonl"]
+    with caplog.at_level("INFO"):
+        c = load_config([f"recipes/{recipe}", "datasets=[jsonl]", *own, "model.archive=null"])
+    assert c.datasets == ["jsonl"] and c.data_files == {"jsonl": {"train": "mine/train.jsonl", "test": "mine/test.jsonl"}}
+    validate(c, 1)
+    (note,) = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert note == "datasets=[jsonl] on the command line: the recipe's data_files.hh no longer apply and are dropped"
+    kept = load_config([f"recipes/{recipe}", "datasets=[hh,jsonl]", *own, "dataset_weights.jsonl=2"])
+    assert set(kept.data_files) == {"hh", "jsonl"}
+    # files the command line names for a dataset it does not list are still a mistake
+    c = load_config([f"recipes/{recipe}", "datasets=[jsonl]", *own, "data_files.hh.train=x.jsonl", "model.archive=null"])
+    with pytest.raises(ConfigError, match=r"data_files.hh: 'hh' is not in datasets=\['jsonl'\]"):
+        validate(c, 1)
+
+
+def test_command_line_datasets_drop_the_recipe_weights_of_the_datasets_it_no_longer_names(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("exp_name: a\ndatasets: [hh, shp]\ndataset_weights: {hh: 1.0, shp: 0.5}\n")
+    assert load_config([str(recipe), "datasets=[shp]"]).dataset_weights == {"shp": 0.5}
 
 
 def test_data_files_nested_overrides():
@@ -108,6 +152,10 @@ def valid(**over) -> list[str]:
         ({"data_files.shp.train": "x.jsonl"}, 1, "data_files.shp: 'shp' is not in datasets=['hh']"),
         ({"data_files.hh.tran": "x.jsonl"}, 1, "data_files.hh.tran: unknown split (did you mean 'data_files.hh.train'?)"),
         ({"resume_from": "/nonexistent/LATEST"}, 1, "resume_from: checkpoint directory not found"),
+        ({"datasets": "[jsonl]"}, 1, "datasets=[jsonl] reads your own files and none are given for the train split: set "
+                                     "data_files.jsonl.train=PATH and data_files.jsonl.test=PATH"),
+        ({"datasets": "[hh,jsonl]", "data_files.jsonl.train": "x.jsonl"}, 1, "none are given for the test split"),
+        ({"loss.name": "sigmoid", "loss.beta": 0.1}, 1, "loss.name: 'sigmoid' is TRL's name for it: use loss.name=dpo"),
     ],
 )
 def test_validation_errors(over, processes, message):
@@ -125,8 +173,8 @@ def test_errors_stop_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(sft_train, "build_split", lambda *a, **k: calls.append("data"))
     run_dir = tmp_path / "run"
     for over in ({"model.archive": str(tmp_path / "missing.pt")}, {"datasets": "[hh,nope]"}, {"batch_size": 5, "gradient_accumulation_steps": 2},
-                 {"loss.name": "dpo", "loss.beta": 0.1}):
-        with pytest.raises(ConfigError):
+                 {"loss.name": "dpo", "loss.beta": 0.1}, {"datasets": "[jsonl]", "max_length": 64, "max_prompt_length": 32}):
+        with pytest.raises(UserError):  # ConfigError, or CheckpointError for the archive
             sft_train.main(valid(run_dir=run_dir, **over))
     with pytest.raises(ConfigError):
         sft_train.main(valid(run_dir=run_dir, lrr=1))

@@ -84,10 +84,13 @@ def build_cases(root: Path) -> tuple[list[dict], dict[str, str], dict[str, Path]
     damaged = fake_checkpoint(runs / "damaged" / "step-64", run=signature, broken=True)
     (runs / "empty").mkdir()
     prompts = write_lines(root / "prompts.jsonl", ['{"prompt": "hi"}', '{"prompt": "hi"'])
+    own = write_lines(root / "own.jsonl", ['{"prompt": "Say hi", "chosen": "hi", "rejected": "no"}', '{"prompt": "Say yes", "answer": "yes"}'])
     metrics_only = runs / "no_metrics"
     metrics_only.mkdir()
 
     sft = ["sft_train.py", "recipes/demo.yaml", f"local_dirs=[{root / 'local'}]"]
+    dpo = ["dpo_train.py", "recipes/demo_dpo.yaml", "model.archive=null", f"local_dirs=[{root / 'local'}]", f"run_dir={runs / 'dpo'}"]
+    own_data = ["datasets=[jsonl]", f"data_files.jsonl.train={own}", f"data_files.jsonl.test={own}"]
     data = [f"data_files.hh.test={DEMO_TEST}"]
     c: dict[str, tuple[list[str], str]] = {
         # numbers that cannot mean what the user wants
@@ -107,13 +110,19 @@ def build_cases(root: Path) -> tuple[list[dict], dict[str, str], dict[str, Path]
         "exp_name_with_slash": (sft + ["exp_name=a/b"], "exp_name: must not contain '/'"),
         # keys, types and the HF/TRL dialect
         "typo_key": (sft + ["lrr=1e-3"], "unknown config key 'lrr' (did you mean 'lr'?)"),
-        "hf_learning_rate": (sft + ["--learning_rate", "1e-5"], "unknown config key 'learning_rate': this suite calls it lr"),
-        "hf_epochs": (sft + ["--num_train_epochs=3"], "'num_train_epochs': this suite calls it n_epochs"),
-        "hf_per_device_batch": (sft + ["--per_device_train_batch_size", "8"], "this suite calls it batch_size (the global batch"),
-        "hf_model_name_or_path": (sft + ["model_name_or_path=gpt2"], "this suite calls it model.name_or_path"),
-        "hf_output_dir": (sft + ["output_dir=out"], "'output_dir': this suite calls it run_dir"),
-        "hf_max_seq_length": (sft + ["max_seq_length=128"], "'max_seq_length': this suite calls it max_length"),
-        "hf_bf16": (sft + ["--bf16"], "'bf16': this suite calls it model.policy_dtype=bfloat16"),
+        "hf_learning_rate_alias": (sft + ["--learning_rate", "inf"], "lr: must be a finite number > 0, got inf"),
+        "hf_epochs_fraction": (sft + ["--num_train_epochs=2.5"], "num_train_epochs (n_epochs here): expected an integer, got 2.5"),
+        "hf_per_device_batch": (sft + ["--per_device_train_batch_size", "8"], "use batch_size, the global batch (per-device batch"),
+        "hf_model_name_or_path": (sft + ["model_name_or_path=gpt2"], "'model_name_or_path': use model.name_or_path"),
+        "hf_output_dir": (sft + ["output_dir=out"], "'output_dir': use run_dir"),
+        "hf_max_seq_length": (sft + ["max_seq_length=128"], "'max_seq_length': use max_length"),
+        "hf_bf16": (sft + ["--bf16"], "'bf16': use model.policy_dtype=bfloat16"),
+        "trl_config_flag": (["sft_train.py", "--config", "recipes/demo.yaml"], "'config': use the recipe file as the first argument"),
+        "trl_sigmoid": (dpo + ["loss.name=sigmoid"], "loss.name: 'sigmoid' is TRL's name for it: use loss.name=dpo"),
+        "trl_ipo": (dpo + ["--loss_type", "ipo"], "loss_type=ipo: use loss.name=dpo (TRL's sigmoid;"),
+        "trl_ref_model": (dpo + ["--ref_model", "gpt2"], "'ref_model': use model.archive: the reference model is the starting policy"),
+        "trl_lora_r": (sft + ["--use_peft", "--lora_r", "0"], "lora.r must be at least 1, got 0"),
+        "key_of_a_section": (sft + ["--label_smothing", "0.1"], "(did you mean 'loss.label_smoothing'?)"),
         "wrong_type": (sft + ["batch_size=five"], "batch_size: expected an integer, got 'five'"),
         "unknown_optimizer": (sft + ["optimizer=Adamw"], "optimizer: torch.optim has no 'Adamw' (did you mean 'AdamW'?)"),
         "unknown_dtype": (sft + ["model.policy_dtype=fp16"], "model.policy_dtype: 'fp16' is not one of float32, bfloat16, float16"),
@@ -125,6 +134,10 @@ def build_cases(root: Path) -> tuple[list[dict], dict[str, str], dict[str, Path]
         "model_dir_missing": (sft + ["model=/no/such/model"], "model.name_or_path: no model directory at /no/such/model"),
         "model_hub_id_offline": (sft + ["model=someorg/not-cached"], "'someorg/not-cached' is not a local directory and not in the hub cache, and HF_HUB_OFFLINE is set"),
         "model_dir_without_config": (sft + [f"model.name_or_path={not_a_model}"], f"{not_a_model} is a directory without config.json"),
+        "model_dir_then_model_key": (sft + ["model=recipes/demo", "model.random_init=true", "max_length=1000"],
+                                     "max_length (1000) exceeds the 256 positions of recipes/demo"),
+        "model_key_then_model_dir": (sft + [f"model.archive={DEMO_TRAIN}", f"model={not_a_model}"],
+                                     f"{not_a_model} is a directory without config.json"),
         "archive_missing": (sft + ["model.archive=/no/policy.pt"], "model.archive: /no/policy.pt does not exist; expected a policy.pt file"),
         # data: file and line
         "data_bad_utf8": (sft + [f"data_files.hh.train={bad_utf8}"] + data, f"{bad_utf8}:7: not valid UTF-8"),
@@ -133,6 +146,9 @@ def build_cases(root: Path) -> tuple[list[dict], dict[str, str], dict[str, Path]
         "data_eos_in_response": (sft + [f"data_files.hh.train={eos}"] + data, f"{eos}:4: the response text of example hh/train/3 contains the EOS token"),
         "data_chat_role": (sft + ["datasets=[jsonl]", "data_files={}", f"data_files.jsonl.train={chat}", f"data_files.jsonl.test={chat}"],
                            f"{chat}:2: messages[1] has role 'asistant' (did you mean 'assistant'?)"),
+        "own_data_on_a_recipe": (sft + own_data, f"{own}:2: missing field 'chosen'"),
+        "own_data_on_a_dpo_recipe": (dpo + own_data, f"{own}:2: missing field 'chosen'"),
+        "own_data_without_files": (sft + ["datasets=[jsonl]"], "datasets=[jsonl] reads your own files and none are given for the train"),
         "data_fewer_than_a_batch": (sft + [f"data_files.hh.train={small}"] + data, "only 12 training example(s), fewer than one batch of 32"),
         "data_file_missing": (sft + ["data_files.hh.train=/no/train.jsonl"] + data, "data file '/no/train.jsonl' does not exist"),
         # run directories and checkpoints

@@ -119,7 +119,7 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     ({"seed": 1}, "seed: checkpoint 0, now 1"),
     ({"optimizer": "AdamW"}, "optimizer: checkpoint 'RMSprop', now 'AdamW'"),
     ({"max_length": 48}, "max_length: checkpoint 64, now 48"),
-    ({"datasets": "[hh,jsonl]"}, "datasets: checkpoint ['hh'], now ['hh', 'jsonl']"),
+    ({"datasets": "[hh,shp]"}, "datasets: checkpoint ['hh'], now ['hh', 'shp']"),
 ])
 def test_resume_refuses_settings_that_change_order_or_counters(tiny, finished, change, message, monkeypatch):
     monkeypatch.setattr(sft_train, "load_tokenizer", lambda *a: pytest.fail("refused only after loading the tokenizer"))

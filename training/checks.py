@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from training.attention import check_attention
-from training.config import MODEL_PRESETS, Config, ConfigError, LoraConfig, config_fields, suggest
+from training.config import MODEL_PRESETS, Config, ConfigError, LoraConfig, config_fields, dialect_value, suggest
 
 LOSSES = ("sft", "dpo", "ipo")
 PREFERENCE_LOSSES = ("dpo", "ipo")  # trained on (chosen, rejected) pairs
 DATASET_SPLITS = ("train", "test")
 DATASET_NAMES = ("hh", "shp", "se", "jsonl")  # the loaders of data/records.py, one per name
+OWN_FILES_ONLY = ("jsonl",)  # datasets without a hub source: they need data_files for both splits
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "linear", "cosine")  # the factors of training/schedule.py
 QUANTIZE = ("4bit",)
@@ -215,6 +216,12 @@ def normalize_data_files(data_files: dict[str, Any], datasets: list[str], warn: 
     return out
 
 
+def no_files_message(name: str, split: str) -> str:
+    """A dataset without a hub source (jsonl: your own rows) named without local files for `split`."""
+    return (f"datasets=[{name}] reads your own files and none are given for the {split} split: set "
+            f"data_files.{name}.train=PATH and data_files.{name}.test=PATH (or data_files.{name}=PATH for both)")
+
+
 def validate(config: Config, num_processes: int = 1) -> None:
     """Cross-field checks, run before any model or data is loaded."""
     if not config.exp_name:
@@ -229,6 +236,9 @@ def validate(config: Config, num_processes: int = 1) -> None:
         raise ConfigError(f"model.random_init needs model.name_or_path to be a local directory with config.json, got {m.name_or_path!r}")
     loss = config.loss
     if loss.name not in LOSSES:
+        ours = dialect_value("loss.name", loss.name)
+        if ours is not None:
+            raise ConfigError(f"loss.name: {loss.name!r} is TRL's name for it: use loss.name={ours}")
         raise ConfigError(f"loss.name: {loss.name!r}{suggest(loss.name, LOSSES)} is not one of {', '.join(LOSSES)}")
     if loss.name in PREFERENCE_LOSSES:
         if loss.beta is None:
@@ -281,7 +291,11 @@ def validate(config: Config, num_processes: int = 1) -> None:
         raise ConfigError(f"resume_from: checkpoint directory not found: {config.resume_from}")
     if config.resume_from == "auto" and config.run_dir is None:
         raise ConfigError("resume_from=auto needs run_dir=PATH (the run to continue)")
-    normalize_data_files(config.data_files, config.datasets, lambda msg: None)
+    files = normalize_data_files(config.data_files, config.datasets, lambda msg: None)
+    for name in config.datasets:
+        for split in DATASET_SPLITS:  # both are read: the eval set is the test split's
+            if name in OWN_FILES_ONLY and split not in files.get(name, {}):
+                raise ConfigError(no_files_message(name, split))
     for name, weight in config.dataset_weights.items():
         if name not in config.datasets:
             raise ConfigError(f"dataset_weights.{name}: {name!r} is not in datasets={config.datasets}")

@@ -9,7 +9,8 @@ Defaults live here and only here. A run's config is built in three layers, later
 
 `model` names a preset (`model=pythia28`, or `model: {name: pythia28, ...}` in YAML); the preset fills the model fields and any
 explicit `model.*` key wins over it. Unknown keys and values of the wrong type are errors that name the key (and the closest valid
-key). The valid values and the cross-field rules are in training/checks.py (`validate`), the model's whereabouts in
+key of the whole tree). Keys of the transformers/TRL world are in DIALECT: accepted as this suite's key where they mean exactly
+the same, else refused with what to use. The valid values and the cross-field rules are in training/checks.py (`validate`), the model's whereabouts in
 training/model_source.py, the attention kernel in training/attention.py.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import types
 import typing
@@ -27,6 +29,8 @@ from typing import Any
 import yaml
 
 from training.errors import UserError
+
+log = logging.getLogger("config")
 
 
 class ConfigError(UserError, ValueError):
@@ -264,13 +268,42 @@ def load_config(args: list[str]) -> Config:
             tree = load_recipe(arg)
         else:
             raise ConfigError(f"unexpected argument {arg!r}: only the first argument may be a recipe file; others are key=value")
+    return build_config(apply_overrides(tree, overrides))
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The recipe's tree with the command line's (dotted key, value) pairs applied: `model=...` first (it replaces the
+    recipe's model section), then the others in order. A `datasets=` drops the recipe's data_files and dataset_weights of
+    the datasets it no longer names (logged), so that own data on top of a recipe needs only its own files."""
+    tree = apply_dialect(dict(tree))
+    overrides = [translate(key, value) for key, value in overrides]
     for key, value in overrides:
         if key == "model":
             tree["model"] = value
+    datasets = [value for key, value in overrides if key == "datasets"]
+    if datasets:
+        named = datasets[-1] if isinstance(datasets[-1], list) else [datasets[-1]]
+        dropped = []
+        for section in ("data_files", "dataset_weights"):
+            if isinstance(tree.get(section), dict):
+                kept = {name: v for name, v in tree[section].items() if name in named}
+                dropped += [f"{section}.{name}" for name in tree[section] if name not in kept]
+                tree[section] = kept
+        if dropped:
+            info(f"datasets=[{','.join(map(str, named))}] on the command line: the recipe's {', '.join(dropped)} "
+                 "no longer apply and are dropped")
     for key, value in overrides:
         if key != "model":
             set_dotted(tree, key, value)
-    return build_config(tree)
+    return tree
+
+
+def info(message: str) -> None:
+    """A config note, logged by the launcher's main process only (the config is built before the Accelerator)."""
+    from training.cli import is_main_process
+
+    if is_main_process():
+        log.info(message)
 
 
 def load_recipe(path: str) -> dict[str, Any]:
@@ -304,25 +337,20 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node = tree
     for part in parts[:-1]:
         child = node.get(part)
-        if isinstance(child, str) and part == "model":
-            child = {"name": child}  # `model: llama7b` in the recipe, then model.x=... on the command line
+        if isinstance(child, str) and part == "model" and node is tree:
+            child = model_section(child)  # `model: llama7b` or `model=path/to/dir`, then model.x=...
         if not isinstance(child, dict):
             child = {}
         node[part] = child
         node = child
-    if parts[-1] == "model" and isinstance(value, str) and isinstance(node.get("model"), dict):
-        node["model"]["name"] = value  # `model=NAME` keeps the recipe's other model.* keys
-    else:
-        node[parts[-1]] = value
+    node[parts[-1]] = value
 
 
 def build_config(tree: dict[str, Any]) -> Config:
-    tree = dict(tree)
+    tree = apply_dialect(dict(tree))
     model = tree.get("model")
     if isinstance(model, str):
-        # `model=pythia28` picks a preset; `model=org/name` or `model=path/to/dir` is a blank_model with that name_or_path
-        model = {"name": model} if model in MODEL_PRESETS or not looks_like_model_source(model) else \
-            {"name": "blank_model", "name_or_path": model}
+        model = model_section(model)
     if model is not None and not isinstance(model, dict):
         raise ConfigError(f"model: expected a preset name, a hub id, a directory or a mapping of model keys, got {model!r}")
     model = dict(model or {})
@@ -333,16 +361,52 @@ def build_config(tree: dict[str, Any]) -> Config:
     return from_dict(Config, tree, "")
 
 
+def model_section(value: str) -> dict[str, Any]:
+    """`model=pythia28` picks a preset; `model=org/name` or `model=path/to/dir` is a blank_model with that name_or_path."""
+    if value in MODEL_PRESETS or not looks_like_model_source(value):
+        return {"name": value}
+    return {"name": "blank_model", "name_or_path": value}
+
+
 def looks_like_model_source(value: str) -> bool:
     return "/" in value or os.path.isdir(value)
 
 
-# Keys of the transformers Trainer / TRL / alignment-handbook world, and what they are called here.
-DIALECT: dict[str, str] = {
-    "learning_rate": "lr",
-    "num_train_epochs": "n_epochs",
-    "per_device_train_batch_size": "batch_size (the global batch: processes x micro-batches x per-device size)",
-    "per_device_eval_batch_size": "eval_batch_size (the global eval batch)",
+@dataclass(frozen=True)
+class Alias:
+    """A key of another world that means exactly this suite's `key`: its value is given to `key`, through `values` where
+    the spellings differ (a value not in `values` is refused with `otherwise`)."""
+
+    key: str
+    values: dict[Any, Any] | None = None
+    otherwise: str = ""
+
+
+# Keys of the transformers Trainer / TRL / alignment-handbook world, and what they are here: an Alias where the meaning is
+# the same and the value converts safely, else what to use instead (refused with `use ...`). TRL's max_length,
+# max_prompt_length and gradient_accumulation_steps are this suite's own keys.
+DIALECT: dict[str, Alias | str] = {
+    "learning_rate": Alias("lr"),
+    "num_train_epochs": Alias("n_epochs"),  # a whole number of passes; a fraction is refused by n_epochs' type
+    "beta": Alias("loss.beta"),
+    "label_smoothing": Alias("loss.label_smoothing"),
+    "loss_type": Alias("loss.name", {"sigmoid": "dpo"}, otherwise=(
+        "loss.name=dpo (TRL's sigmoid; loss.label_smoothing makes it conservative DPO) or loss.name=ipo (IPO on summed "
+        "log-probs, as the DPO reference; TRL's ipo averages them per token)")),
+    "precompute_ref_log_probs": Alias("reference_logps", {True: "precompute", False: "live"}),
+    "use_peft": Alias("lora.enabled"),
+    "lora_r": Alias("lora.r"),
+    "lora_alpha": Alias("lora.alpha"),
+    "lora_dropout": Alias("lora.dropout"),
+    "lora_target_modules": Alias("lora.target_modules"),
+    "ref_model": ("model.archive: the reference model is the starting policy itself (model.name_or_path with model.archive "
+                  "loaded), frozen in model.reference_dtype"),
+    "config": ("the recipe file as the first argument, before the key=value words: python sft_train.py RECIPE.yaml key=value "
+               "(dpo_train.py the same)"),
+    "config_file": ("it with the launcher (accelerate launch --config_file FILE sft_train.py RECIPE.yaml ...); the recipe is "
+                    "the script's first argument"),
+    "per_device_train_batch_size": "batch_size, the global batch (per-device batch x processes x gradient_accumulation_steps)",
+    "per_device_eval_batch_size": "eval_batch_size, the global eval batch (per-device batch x processes)",
     "train_batch_size": "batch_size (the global batch)",
     "model_name_or_path": "model.name_or_path (or model=ID_OR_DIR)",
     "tokenizer_name_or_path": "model.tokenizer_name_or_path",
@@ -353,7 +417,6 @@ DIALECT: dict[str, str] = {
     "fp16": "model.policy_dtype=float16 or model.fsdp_policy_mp=float16",
     "torch_dtype": "model.policy_dtype",
     "gradient_checkpointing": "activation_checkpointing",
-    "warmup_ratio": "warmup_steps (in optimizer steps)",
     "max_steps": "n_examples (counted in examples: updates x batch_size)",
     "eval_steps": "eval_every (counted in examples)",
     "save_steps": "eval_every (a step-N checkpoint is saved at every eval)",
@@ -368,8 +431,51 @@ DIALECT: dict[str, str] = {
     "overwrite_output_dir": "overwrite",
     "attn_implementation": "model.attn_implementation",
     "trust_remote_code": "model.trust_remote_code",
-    "use_peft": "no LoRA/PEFT keys exist in this config",
 }
+
+
+def apply_dialect(tree: dict[str, Any]) -> dict[str, Any]:
+    """Top-level DIALECT aliases of a recipe tree moved to this suite's keys; the other DIALECT keys are refused by from_dict."""
+    for name in [k for k in tree if isinstance(DIALECT.get(k), Alias)]:
+        key, value = translate(name, tree.pop(name))
+        node: Any = tree
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise ConfigError(f"{name} and {key} are the same key here: give only {key}")
+        set_dotted(tree, key, value)
+    return tree
+
+
+def translate(name: str, value: Any) -> tuple[str, Any]:
+    """(this suite's key, value) of a key=value word: a DIALECT alias becomes its key (logged), any other key stays."""
+    alias = DIALECT.get(name)
+    if not isinstance(alias, Alias):
+        return name, value
+    if alias.values is not None:
+        if not isinstance(value, typing.Hashable) or value not in alias.values:
+            raise ConfigError(f"{name}={yaml_word(value)}: use {alias.otherwise or alias.key}")
+        value = alias.values[value]
+    cls: Any = Config
+    *sections, leaf = alias.key.split(".")
+    for part in sections:
+        cls = typing.get_type_hints(cls)[part]
+    value = coerce(value, typing.get_type_hints(cls)[leaf], f"{name} ({alias.key} here)")
+    info(f"{name} read as {alias.key}={yaml_word(value)}")
+    return alias.key, value
+
+
+def yaml_word(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+
+
+def dialect_value(key: str, value: Any) -> str | None:
+    """This suite's spelling of `value` for `key` where another world's alias of `key` spells it `value` (sigmoid -> dpo)."""
+    for alias in DIALECT.values():
+        if isinstance(alias, Alias) and alias.key == key and alias.values and isinstance(value, typing.Hashable) \
+                and value in alias.values:
+            return str(alias.values[value])
+    return None
 
 
 def from_dict(cls: type, tree: dict[str, Any], prefix: str) -> Any:
@@ -381,10 +487,24 @@ def from_dict(cls: type, tree: dict[str, Any], prefix: str) -> Any:
     for key, value in tree.items():
         if key not in fields:
             if str(key) in DIALECT and not prefix:
-                raise ConfigError(f"unknown config key {key!r}: this suite calls it {DIALECT[key]}")
-            raise ConfigError(f"unknown config key {prefix + str(key)!r}{suggest(str(key), fields, prefix)}")
+                raise ConfigError(f"unknown config key {key!r}: use {DIALECT[key]}")
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}{suggest_key(prefix + str(key), isinstance(value, dict))}")
         values[key] = coerce(value, hints[key], prefix + key)
     return cls(**values)
+
+
+def suggest_key(key: str, mapping: bool = False) -> str:
+    """The closest key of the whole tree to an unknown dotted `key`: every leaf field (dotted), the sections when the value is
+    a mapping, and the DIALECT aliases (suggested as the key they stand for). Compared with `_` and `.` alike."""
+    candidates: dict[str, str] = {}
+    if "." not in key:
+        candidates.update({name: alias.key for name, alias in DIALECT.items() if isinstance(alias, Alias)})
+    if mapping:
+        candidates.update({name: name for name, hint in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(hint)})
+    candidates.update({name: name for name in config_fields()})
+    spelled = {name.replace(".", "_").lower(): shown for name, shown in candidates.items()}
+    close = difflib.get_close_matches(key.replace(".", "_").lower(), spelled, n=1, cutoff=0.5)
+    return f" (did you mean {spelled[close[0]]!r}?)" if close else ""
 
 
 def suggest(key: str, valid: typing.Iterable[str], prefix: str = "") -> str:
