@@ -18,20 +18,17 @@ import training.cpu_threads  # noqa: F401,I001  first: OpenMP's passive waiting 
 import dataclasses
 import functools
 import gc
-from pathlib import Path
 
 import torch
 
-import stage
 from data.batches import run_plan
 from data.pairs import build_pair_split, describe, pair_positions, pair_sides, prompt_groups
 from data.packing import to_device
 from modeling.dpo import pair_logps, pair_metrics, preference_loss
 from modeling.load import load_model
 from modeling.reference_logps import ReferenceLogps
-from stage import Data, Run, Stage, eval_columns, step_flops, throughput, train_batch
+from stage import Data, Run, Stage, eval_columns, load_splits, step_flops, throughput, train_batch
 from training.checks import PREFERENCE_LOSSES
-from training.cli import run_main
 from training.distributed import data_parallel, model_load_kwargs, prepare_frozen
 from training.logger import console
 
@@ -40,7 +37,7 @@ LOSSES = PREFERENCE_LOSSES  # the objectives this stage trains (training/checks.
 
 def load_data(run: Run, data_files: dict) -> Data:
     """Preference pairs, grouped by prompt (the data order shuffles prompts, as the reference does)."""
-    train_pairs, eval_pairs = stage.load_splits(run, data_files, build_pair_split)
+    train_pairs, eval_pairs = load_splits(run, data_files, build_pair_split)
     if run.accelerator.is_main_process:
         console.print(f"train: {describe(train_pairs)}\neval: {describe(eval_pairs)}", soft_wrap=True, highlight=False)
     return Data(train_pairs, eval_pairs, prompt_groups(train_pairs), prompt_groups(eval_pairs))
@@ -122,15 +119,7 @@ def score_pairs(run: Run, model, pairs: list[dict], batch=None) -> tuple[torch.T
 
 DPO = Stage("dpo", "dpo_train.py", __doc__, LOSSES, load_data, train_step, evaluate, before_policy=load_reference)
 
-
-def main(argv: list[str] | None = None) -> Path | None:
-    return stage.main(DPO, argv)
-
-
-def cli() -> None:
-    """The `dpo-train` console script."""
-    run_main(main)
-
+main, cli = DPO.main, DPO.cli  # main(argv) -> the run directory (None after --help); cli(): the `dpo-train` command
 
 if __name__ == "__main__":
     cli()

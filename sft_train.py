@@ -13,17 +13,14 @@ of optimizer.pt); LATEST/policy.pt is the input of DPO.
 from __future__ import annotations
 
 import training.cpu_threads  # noqa: F401,I001  first: OpenMP's passive waiting must be set before torch is imported
-from pathlib import Path
 
 import torch
 
-import stage
 from data.packing import to_device
 from data.sft import build_split
 from data.tokenize import tokens_fingerprint
 from modeling.loss import sequence_nll
-from stage import Data, Run, Stage, eval_columns, step_flops, throughput, train_batch
-from training.cli import run_main
+from stage import Data, Run, Stage, eval_columns, load_splits, step_flops, throughput, train_batch
 from training.distributed import data_parallel
 
 LOSSES = ("sft",)  # the objectives this stage trains (training/checks.py check_stage)
@@ -31,7 +28,7 @@ LOSSES = ("sft",)  # the objectives this stage trains (training/checks.py check_
 
 def load_data(run: Run, data_files: dict) -> Data:
     """The chosen answers of the preference data as prompt/response examples; their tokens fingerprint the run."""
-    train_data, eval_data = stage.load_splits(run, data_files, build_split)
+    train_data, eval_data = load_splits(run, data_files, build_split)
     return Data(train_data, eval_data, fingerprint=tokens_fingerprint(train_data))
 
 
@@ -82,15 +79,7 @@ def evaluate(run: Run) -> dict:
 
 SFT = Stage("sft", "sft_train.py", __doc__, LOSSES, load_data, train_step, evaluate)
 
-
-def main(argv: list[str] | None = None) -> Path | None:
-    return stage.main(SFT, argv)
-
-
-def cli() -> None:
-    """The `sft-train` console script."""
-    run_main(main)
-
+main, cli = SFT.main, SFT.cli  # main(argv) -> the run directory (None after --help); cli(): the `sft-train` command
 
 if __name__ == "__main__":
     cli()

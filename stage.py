@@ -1,9 +1,9 @@
 """A training run, written once for both stages: sft_train.py and dpo_train.py each pass a Stage of what differs.
 
     SFT = Stage("sft", "sft_train.py", __doc__, LOSSES, load_data, train_step, evaluate)
-    def main(argv=None): return stage.main(SFT, argv)
+    main, cli = SFT.main, SFT.cli      # main(argv) -> run_dir; cli(): the `sft-train` console script
 
-`main`: the config and every check that needs no model (training/loop.py start_run); the run directory claimed; the
+`run_stage`: the config and every check that needs no model (training/loop.py start_run); the run directory claimed; the
 tokenizer and the stage's data; the run's plan checked, against a resumed run's too; the stage's `before_policy` (DPO: the
 frozen reference); the policy, its optimizer and schedule; fresh or resumed state; training (training/loop.py train);
 then the Hugging Face export, plots and summary. The stage's hooks get the `Run`, which holds all of that, and build their
@@ -32,6 +32,7 @@ from modeling.export import finish_run
 from modeling.load import load_model, load_tokenizer
 from modeling.lora import add_adapters
 from training.adapters import trainable_parameters
+from training.cli import run_main
 from training.config import Config, cache_dir
 from training.cpu_threads import set_cpu_threads
 from training.distributed import (build_accelerator, data_first, data_parallel, gather_dp, model_load_kwargs,
@@ -87,15 +88,23 @@ class Stage:
 
     name: str  # its logger's name
     script: str  # the entry script, for the continue command printed after a stop
-    usage: str  # --help's text
+    usage: str = field(repr=False)  # --help's text
     losses: tuple[str, ...]  # the loss.name values it trains (training/checks.py check_stage)
     load_data: Callable[[Run, dict], Data]  # (run, data_files) -> its splits, inside data_first
     train_step: Callable[[Run, list[int]], dict]  # one optimizer step over these training indices -> metrics
     evaluate: Callable[[Run], dict]  # metrics over run.eval_batches; main adds the samples
     before_policy: Callable[[Run], Any] | None = None  # -> run.reference, before the policy loads (DPO's reference)
 
+    def main(self, argv: list[str] | None = None) -> Path | None:
+        """A run of this stage from command-line words (default: sys.argv); its run directory, None after --help."""
+        return run_stage(self, argv)
 
-def main(stage: Stage, argv: list[str] | None = None) -> Path | None:
+    def cli(self) -> None:
+        """The console script: main() with a user error as one line and exit status 2 (training/cli.py run_main)."""
+        run_main(self.main)
+
+
+def run_stage(stage: Stage, argv: list[str] | None = None) -> Path | None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
     start = start_run(sys.argv[1:] if argv is None else argv, stage.losses, stage.usage, build_accelerator)
