@@ -105,6 +105,7 @@ class Stage:
 
 
 def run_stage(stage: Stage, argv: list[str] | None = None) -> Path | None:
+    """A run of `stage`, from the checks to the export (the module docstring gives the order)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
     start = start_run(sys.argv[1:] if argv is None else argv, stage.losses, stage.usage, build_accelerator)
@@ -121,7 +122,7 @@ def run_stage(stage: Stage, argv: list[str] | None = None) -> Path | None:
 
         prepare_run_dir(config, accelerator, run.run_dir)
         if stage.before_policy is not None:
-            torch.manual_seed(config.seed)
+            torch.manual_seed(config.seed)  # a random_init reference gets the policy's weights
             run.reference = stage.before_policy(run)
         torch.manual_seed(config.seed)  # random_init models must not depend on earlier RNG use
         prepare_policy(run, load_model(config.model, str(cache), **model_load_kwargs(config, accelerator)), n_updates,
@@ -135,7 +136,7 @@ def run_stage(stage: Stage, argv: list[str] | None = None) -> Path | None:
         with restored_signal_handlers():
             finished = train(config, accelerator, run.model, run.optimizer, run.scheduler, plans, n_planned, run.state,
                              run.run_dir, run.logger, train_step=functools.partial(stage.train_step, run),
-                             evaluate=functools.partial(evaluate, stage, run), script=stage.script)
+                             evaluate=functools.partial(evaluate_with_samples, stage, run), script=stage.script)
         if finished and accelerator.is_main_process:
             command = shlex.join(sys.argv) if argv is None else None  # started from the shell: for the model card
             finish_run(config, run.run_dir, command)  # {run_dir}/hf from LATEST/policy.pt (no second gather)
@@ -258,7 +259,7 @@ def eval_columns(run: Run, eval_step: Callable[[list[int]], list[torch.Tensor]])
 
 
 @torch.no_grad()
-def evaluate(stage: Stage, run: Run) -> dict:
+def evaluate_with_samples(stage: Stage, run: Run) -> dict:
     """The stage's eval metrics, then (sample_during_eval) the policy's samples for the first eval prompts."""
     config = run.config
     run.model.eval()

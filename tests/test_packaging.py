@@ -35,7 +35,8 @@ def setup() -> configparser.ConfigParser:
 
 
 def test_console_scripts_are_importable_callables():
-    scripts = dict(line.replace(" ", "").split("=") for line in setup()["options.entry_points"]["console_scripts"].strip().splitlines())
+    lines = setup()["options.entry_points"]["console_scripts"].strip().splitlines()
+    scripts = dict(line.replace(" ", "").split("=") for line in lines)
     assert set(scripts) == {"sft-train", "dpo-train"}
     for target in scripts.values():
         module, _, function = target.partition(":")

@@ -14,8 +14,8 @@
                              train_step=..., evaluate=..., script=...)   # script: what the continue command runs
 
 A stage supplies only what its objective changes: `train_step(indices) -> metrics` (one optimizer step over the global
-batch, its micro-batches from `micro_batch_plan`, then `optimizer_step`) and `evaluate() -> metrics`. Everything else (eval cadence,
-step-N and LATEST checkpoints, resume, SIGTERM/SIGINT, the run directory, wandb) is the same for both stages.
+batch, its micro-batches from `micro_batch_plan`, then `optimizer_step`) and `evaluate() -> metrics`. Everything else
+(eval cadence, step-N and LATEST checkpoints, resume, SIGTERM/SIGINT, the run directory, wandb) is the same for both.
 """
 
 from __future__ import annotations
