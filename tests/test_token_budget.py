@@ -95,7 +95,8 @@ def tiny(tmp_path_factory):
 
 
 def budget_run(tiny, monkeypatch, name: str, **overrides) -> tuple[list[dict], list[int]]:
-    """A tiny fp32 run in this process: its training records and the micro-batch count of each step on process 0."""
+    """A tiny fp32 run in this process: its training records and the micro-batch count of each step on process 0. The
+    device gets a peak of 1 TFLOP/s, so both stages report mfu on CPU too."""
     import json
 
     import stage
@@ -112,6 +113,7 @@ def budget_run(tiny, monkeypatch, name: str, **overrides) -> tuple[list[dict], l
         return result
 
     monkeypatch.setattr(stage, "micro_batch_plan", counting)
+    monkeypatch.setattr(stage, "device_peak_flops", lambda device, dtype: 1e12)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     argv = tiny_run_args(root, model, train, test, run_dir=root / name, batch_size=8, n_epochs=1, eval_every=8, lr=1e-2,
@@ -133,7 +135,7 @@ def test_sft_token_budget_steps_equal_fixed_micro_batches(tiny, monkeypatch, pac
     budget, budget_counts = budget_run(tiny, monkeypatch, f"sft-budget-{packing}", max_tokens_per_micro_batch=64,
                                        packing=packing)
     assert fixed_counts == [2, 2] and all(n > 2 for n in budget_counts)
-    assert len(fixed) == len(budget) == 2
+    assert len(fixed) == len(budget) == 2 and all(r["mfu"] > 0 for r in fixed + budget)
     for a, b in zip(fixed, budget):
         for key in TRAIN_KEYS + ("nll_per_token/train",):
             assert b[key] == pytest.approx(a[key], rel=1e-6), key
@@ -146,7 +148,7 @@ def test_dpo_token_budget_steps_equal_fixed_micro_batches(tiny, monkeypatch):
     fixed, _ = budget_run(tiny, monkeypatch, "dpo-fixed", **dpo)
     budget, budget_counts = budget_run(tiny, monkeypatch, "dpo-budget", max_tokens_per_micro_batch=128, **dpo)
     assert all(n > 1 for n in budget_counts)
-    assert len(fixed) == len(budget) == 2
+    assert len(fixed) == len(budget) == 2 and all(r["mfu"] > 0 for r in fixed + budget)  # the same accounting as SFT
     for a, b in zip(fixed, budget):
         for key in TRAIN_KEYS + ("rewards_train/margins", "logps_train/chosen"):  # fp32: narrower rows reorder sums
             assert b[key] == pytest.approx(a[key], rel=5e-6, abs=1e-7), key
