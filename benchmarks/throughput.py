@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: the packages live in the repository root
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as sft_train.py sets it (training/cpu_threads.py), for every mode
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the training scripts set it (training/cpu_threads.py), for every mode
 
 SHARED = REPO.parent / "shared" / "data"
 HH_ROWS = SHARED / "hh" / "harmless-base-test-300.jsonl.gz"
@@ -125,7 +125,7 @@ def build_model(args, overrides: list[str] | None):
     from training.config import load_config
 
     config = load_config(base_overrides(args) + (overrides or []))
-    resolve_attention(config, "cuda" if torch.cuda.is_available() else "cpu")  # as sft_train.py's start_run (one process)
+    resolve_attention(config, "cuda" if torch.cuda.is_available() else "cpu")  # as a run's start_run does (one process)
     if args.workload == "real":
         return config, load_model(config.model)
     torch.manual_seed(0)
@@ -181,13 +181,11 @@ def step_counts(examples: list[dict], positions: int) -> dict:
 
 def suite_run(mode: str, overrides: list[str], args) -> dict:
     import sft_train
+    import stage
     from data.batches import bucketed_batches, plan_train_batches
-    from data.packing import collate_for
-    from modeling.compile import compile_model
-    from training.compilation import compile_metrics
     from modeling.load import load_tokenizer
-    from training.distributed import build_accelerator, prepare_model
-    from training.loop import TrainState, build_optimizer
+    from training.compilation import compile_metrics
+    from training.distributed import build_accelerator
 
     config, model = build_model(args, overrides)
     tokenizer = load_tokenizer(config.model)
@@ -199,27 +197,19 @@ def suite_run(mode: str, overrides: list[str], args) -> dict:
         lengths = {i: len(data[i]["prompt_ids"]) + len(data[i]["response_ids"]) for i in timed_examples}
         batches[1:] = [[timed_examples[k] for k in b] for b in bucketed_batches(
             list(range(len(timed_examples))), [lengths[i] for i in timed_examples], config.batch_size, args.steps, config.seed)]
-    if config.lora.enabled:  # as sft_train.main: adapters on the frozen base, the optimizer over the adapters only
-        from modeling.lora import add_adapters
-
-        model = add_adapters(model, config.lora)
-    accelerator = build_accelerator(config)
-    prepare_model(config, accelerator, model)
-    compile_model(config, model)  # compile=true: as sft_train.main, before accelerator.prepare
-    optimizer, scheduler = build_optimizer(config, model, args.steps + 1)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainState()
+    run = stage.Run(config, build_accelerator(config), Path(args.work_dir), Path(args.work_dir) / "cache", tokenizer,
+                    stage.collate_for(config, tokenizer.pad_token_id), data=stage.Data(data, None))
+    stage.prepare_policy(run, model, args.steps + 1)  # as a run prepares its policy: LoRA, compile, optimizer, wrapping
     counts, graphs = [], []
 
     def step(indices, warmup=False):
-        metrics = sft_train.train_step(config, accelerator, model, optimizer, scheduler, data, tokenizer.pad_token_id, state,
-                                       Path(args.work_dir), indices)
+        metrics = sft_train.SFT.train_step(run, indices)
         if warmup and config.compile:
             graphs.append(compile_metrics()["compile/graphs"])
         if not warmup:
             examples = [data[i] for i in indices]
-            lengths = [len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples]
-            counts.append(step_counts(examples, collate_for(config, tokenizer.pad_token_id).positions(lengths)))
+            counts.append(step_counts(examples, run.collate.positions([len(e["prompt_ids"]) + len(e["response_ids"])
+                                                                       for e in examples])))
         return metrics["loss/train"]
 
     result = {**timed(step, batches, args, config.compile), "counts": counts}

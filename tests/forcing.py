@@ -1,6 +1,6 @@
 """accelerate's FSDP2 and tensor-parallel state forced onto CPU processes, for tests (shared/design/cpu-parallel.md).
 
-    sft_train.build_accelerator = lambda config: forced_accelerator("fsdp", config)
+    stage.build_accelerator = lambda config: forced_accelerator("fsdp", config)
 
 accelerate refuses both on CPU, so the Accelerator is built for CPU and its state switched afterwards; everything else is
 the real code path. Real runs get these from the launch config on GPUs. `gradient_bytes` reads what FSDP2 holds.

@@ -16,6 +16,7 @@ import torch
 
 import dpo_train
 import sft_train
+import stage
 from data.packing import Collate
 from tests.tiny import tiny_data, tiny_model_dir, tiny_run_args
 from training.checkpoint import load_archive
@@ -61,8 +62,8 @@ def reports(caplog) -> list[str]:
 
 
 def record_collate(monkeypatch, record) -> None:
-    """sft_train's collates call `record(batch)` on every micro-batch they build."""
-    collate_for = sft_train.collate_for
+    """A run's collate calls `record(batch)` on every micro-batch it builds."""
+    collate_for = stage.collate_for
 
     class Recording(Collate):
         def __call__(self, examples):
@@ -70,7 +71,7 @@ def record_collate(monkeypatch, record) -> None:
             record(batch)
             return batch
 
-    monkeypatch.setattr(sft_train, "collate_for", lambda config, pad_id: Recording(**vars(collate_for(config, pad_id))))
+    monkeypatch.setattr(stage, "collate_for", lambda config, pad_id: Recording(**vars(collate_for(config, pad_id))))
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 import sft_train
+import stage
 from training.attention import resolve_attention
 from training.checks import validate
 from training.config import MODEL_PRESETS, Config, ConfigError, load_config, save_config
@@ -168,8 +169,8 @@ def test_validation_errors(over, processes, message):
 def test_errors_stop_before_any_work(tmp_path, monkeypatch):
     """A bad config fails in main() before a tokenizer, data or model is loaded, and writes nothing."""
     calls = []
-    monkeypatch.setattr(sft_train, "load_tokenizer", lambda *a, **k: calls.append("tokenizer"))
-    monkeypatch.setattr(sft_train, "load_model", lambda *a, **k: calls.append("model"))
+    monkeypatch.setattr(stage, "load_tokenizer", lambda *a, **k: calls.append("tokenizer"))
+    monkeypatch.setattr(stage, "load_model", lambda *a, **k: calls.append("model"))
     monkeypatch.setattr(sft_train, "build_split", lambda *a, **k: calls.append("data"))
     run_dir = tmp_path / "run"
     for over in ({"model.archive": str(tmp_path / "missing.pt")}, {"datasets": "[hh,nope]"}, {"batch_size": 5, "gradient_accumulation_steps": 2},

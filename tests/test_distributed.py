@@ -211,8 +211,9 @@ def test_prepare_model_keeps_buffers_float32_under_fsdp_mixed_precision_and_chec
 ])
 def test_the_script_stops_on_a_bad_combination_before_loading_anything(tiny_llama, tmp_path, monkeypatch, mode, extra, message):
     import sft_train
+    import stage
 
-    monkeypatch.setattr(sft_train, "build_accelerator", lambda config: fake_accelerator(mode))
+    monkeypatch.setattr(stage, "build_accelerator", lambda config: fake_accelerator(mode))
     with pytest.raises(ConfigError, match=message):
         sft_train.main([*recipe(tiny_llama), f"run_dir={tmp_path / 'r'}", f"local_dirs=[{tmp_path}]",
                         *extra])

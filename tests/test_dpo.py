@@ -14,6 +14,7 @@ import torch
 import transformers
 
 import dpo_train
+import stage
 from data.batches import plan_batches
 from data.pairs import describe, identical_pairs, pair_sides, prompt_groups, truncate_pair
 from modeling.dpo import preference_loss
@@ -177,8 +178,9 @@ def test_dpo_config_errors_stop_before_any_work(tmp_path, monkeypatch):
     from training.config import ConfigError
 
     calls = []
-    monkeypatch.setattr(dpo_train, "load_tokenizer", lambda *a, **k: calls.append("tokenizer"))
-    monkeypatch.setattr(dpo_train, "load_model", lambda *a, **k: calls.append("model"))
+    monkeypatch.setattr(stage, "load_tokenizer", lambda *a, **k: calls.append("tokenizer"))
+    monkeypatch.setattr(stage, "load_model", lambda *a, **k: calls.append("model"))
+    monkeypatch.setattr(dpo_train, "load_model", lambda *a, **k: calls.append("reference"))
     monkeypatch.setattr(dpo_train, "build_pair_split", lambda *a, **k: calls.append("data"))
     base = ["exp_name=t", "model=blank_model", "model.name_or_path=recipes/demo", "wandb.enabled=false", f"run_dir={tmp_path / 'run'}"]
     with pytest.raises(ConfigError, match="loss.beta is required with loss.name=dpo"):

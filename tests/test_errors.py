@@ -122,6 +122,7 @@ def test_model_archive_takes_a_run_or_checkpoint_directory_and_says_which_file(t
     import logging
 
     import sft_train
+    import stage
     from training.loop import start_run
 
     run = fake_run(tmp_path / "sft")
@@ -129,7 +130,7 @@ def test_model_archive_takes_a_run_or_checkpoint_directory_and_says_which_file(t
     base = ["recipes/demo.yaml", f"local_dirs=[{tmp_path / 'local'}]", f"run_dir={tmp_path / 'new'}"]
     for given in (run, run / "LATEST"):
         with caplog.at_level(logging.INFO):
-            config = start_run([*base, f"model.archive={given}"], sft_train.LOSSES, "", sft_train.build_accelerator)[0]
+            config = start_run([*base, f"model.archive={given}"], sft_train.LOSSES, "", stage.build_accelerator).config
         assert config.model.archive == str(policy)
         assert f"model.archive: {given} is a {'run' if given == run else 'checkpoint'} directory; using {policy}" in caplog.text
     assert ckpt.resolve_archive(str(policy)) == (str(policy), None)

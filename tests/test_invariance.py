@@ -17,6 +17,7 @@ import torch
 from accelerate import debug_launcher
 
 import sft_train
+import stage
 from data.sft import build_split
 from data.tokenize import TokenizeSettings
 from modeling.load import load_model, load_tokenizer
@@ -195,7 +196,7 @@ def run_forced_fsdp(*argvs: list[str]) -> None:
         accelerator.backward = recording_backward
         return accelerator
 
-    sft_train.build_accelerator = build  # this process is a fork: the patch ends with it
+    stage.build_accelerator = build  # this process is a fork: the patch ends with it
     run_main(*argvs)
 
 

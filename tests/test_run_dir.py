@@ -18,6 +18,7 @@ import torch
 import yaml
 
 import sft_train
+import stage
 from tests.tiny import tiny_data, tiny_model_dir, tiny_run_args
 from training import checkpoint as ckpt
 from training.config import ConfigError
@@ -122,7 +123,7 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     ({"datasets": "[hh,shp]"}, "datasets: checkpoint ['hh'], now ['hh', 'shp']"),
 ])
 def test_resume_refuses_settings_that_change_order_or_counters(tiny, finished, change, message, monkeypatch):
-    monkeypatch.setattr(sft_train, "load_tokenizer", lambda *a: pytest.fail("refused only after loading the tokenizer"))
+    monkeypatch.setattr(stage, "load_tokenizer", lambda *a: pytest.fail("refused only after loading the tokenizer"))
     before = fingerprint(finished)
     with pytest.raises(ConfigError) as e:
         sft_train.main(args(tiny, finished, resume_from="auto", **change))

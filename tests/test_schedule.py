@@ -14,6 +14,7 @@ from training.config import ConfigError, load_config
 from training.schedule import LRFactor, build_scheduler, check_length, count_updates, lr_factor
 
 import sft_train
+import stage
 
 
 def expected(schedule: str, k: int, warmup: int, total: int, m: float) -> float:
@@ -90,6 +91,6 @@ def test_decay_longer_than_the_run_is_refused_before_the_model(tmp_path, monkeyp
     check_length(load_config(["warmup_steps=5"]), 4)  # constant: a warmup longer than the run is the reference's behaviour
     model = tiny_model_dir(tmp_path / "model")
     train, test = tiny_data(tmp_path, n_train=16, n_test=4)
-    monkeypatch.setattr(sft_train, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(stage, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ConfigError, match=r"\(4 updates\)"):
         sft_train.main(tiny_run_args(tmp_path, model, train, test, lr_schedule="linear", warmup_steps=4))

@@ -68,3 +68,87 @@ def test_refuses_unequal_shares_and_an_empty_budget():
         token_budget_micro_batches([1, 2, 3], 2, 10)
     with pytest.raises(ValueError, match="must be positive"):
         token_budget_micro_batches([1, 2], 1, 0)
+
+
+def test_config_refuses_a_budget_below_max_length_or_with_accumulation():
+    from training.checks import validate
+    from training.config import ConfigError, load_config
+
+    base = ["exp_name=t", "model=blank_model", "model.name_or_path=recipes/demo", "max_length=64", "max_prompt_length=32"]
+    validate(load_config([*base, "max_tokens_per_micro_batch=64"]))
+    validate(load_config([*base, "max_tokens_per_micro_batch=500", "packing=true"]))
+    with pytest.raises(ConfigError, match=r"max_tokens_per_micro_batch \(63\) is less than max_length \(64\).*"
+                                          r"use max_tokens_per_micro_batch=64 or more"):
+        validate(load_config([*base, "max_tokens_per_micro_batch=63"]))
+    with pytest.raises(ConfigError, match=r"drop gradient_accumulation_steps=2 \(or set max_tokens_per_micro_batch=null"):
+        validate(load_config([*base, "max_tokens_per_micro_batch=128", "gradient_accumulation_steps=2", "batch_size=8"]))
+    with pytest.raises(ConfigError, match="max_tokens_per_micro_batch"):
+        validate(load_config([*base, "max_tokens_per_micro_batch=0"]))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tests.tiny import tiny_data, tiny_model_dir
+
+    root = tmp_path_factory.mktemp("budget")
+    return root, tiny_model_dir(root / "model"), *tiny_data(root, n_train=16, n_test=4)
+
+
+def budget_run(tiny, monkeypatch, name: str, **overrides) -> tuple[list[dict], list[int]]:
+    """A tiny fp32 run in this process: its training records and the micro-batch count of each step on process 0. The
+    device gets a peak of 1 TFLOP/s, so both stages report mfu on CPU too."""
+    import json
+
+    import stage
+    from accelerate.state import AcceleratorState, GradientState
+    from tests.tiny import tiny_run_args
+    from training.loop import micro_batch_plan as plan
+
+    root, model, train, test = tiny
+    counts = []
+
+    def counting(*args, **kwargs):
+        result = plan(*args, **kwargs)
+        counts.append(len(result[0]))
+        return result
+
+    monkeypatch.setattr(stage, "micro_batch_plan", counting)
+    monkeypatch.setattr(stage, "device_peak_flops", lambda device, dtype: 1e12)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    argv = tiny_run_args(root, model, train, test, run_dir=root / name, batch_size=8, n_epochs=1, eval_every=8, lr=1e-2,
+                         do_first_eval=False, **overrides)
+    main = __import__("dpo_train" if overrides.get("loss__name") == "dpo" else "sft_train").main
+    main(argv)
+    lines = (root / name / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "grad_norm" in r], counts
+
+
+TRAIN_KEYS = ("loss/train", "grad_norm")
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_token_budget_steps_equal_fixed_micro_batches(tiny, monkeypatch, packing):
+    """The same SFT steps (losses, gradient norms, eval losses) whether a step's 8 examples are 2 fixed micro-batches or
+    as many as a budget of max_length positions needs: the loss denominator is the whole step's."""
+    fixed, fixed_counts = budget_run(tiny, monkeypatch, f"sft-fixed-{packing}", gradient_accumulation_steps=2, packing=packing)
+    budget, budget_counts = budget_run(tiny, monkeypatch, f"sft-budget-{packing}", max_tokens_per_micro_batch=64,
+                                       packing=packing)
+    assert fixed_counts == [2, 2] and all(n > 2 for n in budget_counts)
+    assert len(fixed) == len(budget) == 2 and all(r["mfu"] > 0 for r in fixed + budget)
+    for a, b in zip(fixed, budget):
+        for key in TRAIN_KEYS + ("nll_per_token/train",):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), key
+    assert budget[-1]["padding_fraction"] < fixed[-1]["padding_fraction"] or packing  # narrower padded micro-batches
+
+
+def test_dpo_token_budget_steps_equal_fixed_micro_batches(tiny, monkeypatch):
+    """DPO plans on pairs, a pair costing the positions of both its sides; the steps equal those of fixed micro-batches."""
+    dpo = dict(loss__name="dpo", loss__beta=0.5, model__reference_dtype="float32")
+    fixed, _ = budget_run(tiny, monkeypatch, "dpo-fixed", **dpo)
+    budget, budget_counts = budget_run(tiny, monkeypatch, "dpo-budget", max_tokens_per_micro_batch=128, **dpo)
+    assert all(n > 1 for n in budget_counts)
+    assert len(fixed) == len(budget) == 2 and all(r["mfu"] > 0 for r in fixed + budget)  # the same accounting as SFT
+    for a, b in zip(fixed, budget):
+        for key in TRAIN_KEYS + ("rewards_train/margins", "logps_train/chosen"):  # fp32: narrower rows reorder sums
+            assert b[key] == pytest.approx(a[key], rel=5e-6, abs=1e-7), key

@@ -125,6 +125,7 @@ CHECKS: dict[str, Range | Choice | Text | Free] = {
     "batch_size": POSITIVE,
     "eval_batch_size": POSITIVE,
     "gradient_accumulation_steps": POSITIVE,
+    "max_tokens_per_micro_batch": POSITIVE,  # at least max_length, and not with gradient_accumulation_steps > 1 (validate)
     "lr": Range(0, strict=True),
     "optimizer": Free("a torch.optim class, checked in validate"),
     "warmup_steps": NON_NEGATIVE,
@@ -274,6 +275,7 @@ def validate(config: Config, num_processes: int = 1) -> None:
         raise ConfigError("compile=true compiles each transformer block: set model.block_name (e.g. LlamaDecoderLayer)")
     if config.n_epochs is None and config.n_examples is None:
         raise ConfigError("set n_epochs or n_examples (training stops at whichever comes first)")
+    check_micro_batches(config)
     step = config.gradient_accumulation_steps * num_processes
     if config.batch_size % step:
         raise ConfigError(
@@ -301,6 +303,19 @@ def validate(config: Config, num_processes: int = 1) -> None:
             raise ConfigError(f"dataset_weights.{name}: {name!r} is not in datasets={config.datasets}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
             raise ConfigError(f"dataset_weights.{name}: expected a non-negative number, got {weight!r}")
+
+
+def check_micro_batches(config: Config) -> None:
+    """A token budget sizes the micro-batches itself: every example must fit one alone, and no fixed count goes with it."""
+    budget = config.max_tokens_per_micro_batch
+    if budget is None:
+        return
+    if config.gradient_accumulation_steps > 1:
+        raise ConfigError(f"max_tokens_per_micro_batch={budget} sizes the micro-batches itself: drop gradient_accumulation_steps="
+                          f"{config.gradient_accumulation_steps} (or set max_tokens_per_micro_batch=null for fixed micro-batches)")
+    if budget < config.max_length:
+        raise ConfigError(f"max_tokens_per_micro_batch ({budget}) is less than max_length ({config.max_length}): an example "
+                          f"must fit a micro-batch alone; use max_tokens_per_micro_batch={config.max_length} or more")
 
 
 def check_stage(config: Config, losses: tuple[str, ...]) -> None:

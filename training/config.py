@@ -150,6 +150,10 @@ class Config:
     """Global eval batch in examples."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; a micro-batch holds batch_size / (this x data-parallel processes) examples per process."""
+    max_tokens_per_micro_batch: int | None = None
+    """Positions (tokens + padding) per micro-batch per process: each process's share of the batch is split into as few
+    micro-batches as fit, the same count on every process; null = gradient_accumulation_steps fixed micro-batches. At least
+    max_length; with packing or padding alike."""
     lr: float = 5e-7
     """Peak learning rate, reached after warmup and then shaped by lr_schedule (the reference holds it constant). > 0."""
     lr_schedule: str = "constant"

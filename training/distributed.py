@@ -370,10 +370,12 @@ def describe_setup(config: Config, accelerator: Accelerator, run_dir: Path) -> s
     _, dp = data_parallel(accelerator)
     micro = config.batch_size // (config.gradient_accumulation_steps * dp)
     compute = config.model.fsdp_policy_mp if mode == "fsdp" and config.model.fsdp_policy_mp else config.model.policy_dtype
+    split = f"{micro} per device x {config.gradient_accumulation_steps} accumulation" \
+        if config.max_tokens_per_micro_batch is None else \
+        f"{micro} per device in micro-batches of <= {config.max_tokens_per_micro_batch} positions"
     lines = [
         f"running {mode} on {n} process{'es' if n > 1 else ''} ({accelerator.device.type}); weights and optimizer state "
-        f"{config.model.policy_dtype}, compute {compute}; batch_size {config.batch_size} = {micro} per device x "
-        f"{config.gradient_accumulation_steps} accumulation x {dp} data-parallel",
+        f"{config.model.policy_dtype}, compute {compute}; batch_size {config.batch_size} = {split} x {dp} data-parallel",
         f"run dir: {run_dir}",
     ]
     if n == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:

@@ -1,4 +1,4 @@
-"""The training loop and run bookkeeping that sft_train.py and dpo_train.py share.
+"""The training loop and run bookkeeping that both stages share (stage.py puts them together, in this order).
 
     resume_dir, saved_run = resume_point(config, accelerator) # checkpoint to continue; its run settings already compared
     run_dir = pick_run_dir(config, accelerator, resume_dir)
@@ -13,9 +13,9 @@
             finished = train(config, accelerator, model, optimizer, scheduler, plans, n_planned, state, run_dir, logger,
                              train_step=..., evaluate=..., script=...)   # script: what the continue command runs
 
-A script supplies only what its objective changes: `train_step(examples) -> metrics` (one optimizer step over the global
-batch, built from `micro_batches` and `optimizer_step`) and `evaluate() -> metrics`. Everything else (eval cadence,
-step-N and LATEST checkpoints, resume, SIGTERM/SIGINT, the run directory, wandb) is the same for both stages.
+A stage supplies only what its objective changes: `train_step(indices) -> metrics` (one optimizer step over the global
+batch, its micro-batches from `micro_batch_plan`, then `optimizer_step`) and `evaluate() -> metrics`. Everything else
+(eval cadence, step-N and LATEST checkpoints, resume, SIGTERM/SIGINT, the run directory, wandb) is the same for both.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -249,28 +249,27 @@ def run_eval(evaluate: Callable[[], dict], state: TrainState, logger) -> dict:
     return metrics
 
 
-def micro_batches(examples: list, accelerator, gradient_accumulation_steps: int) -> list[list]:
-    """This process's share of each micro-batch of a global batch: micro-batch m, process r holds examples
-    [m * M + r * L, m * M + (r + 1) * L) with M = len / GA and L = M / processes."""
-    rank, world = data_parallel(accelerator)
-    micro = len(examples) // gradient_accumulation_steps
+def micro_batch_plan(config: Config, world: int, lengths: list[int],
+                     cost: Callable[[list[int]], int]) -> list[list[list[int]]]:
+    """plan[r][m]: the global-batch indices (ascending) of process r's micro-batch m, for a batch of examples of these
+    lengths. Fixed (max_tokens_per_micro_batch null): gradient_accumulation_steps micro-batches of M = len / GA examples,
+    process r holding [m * M + r * L, m * M + (r + 1) * L) of micro-batch m, L = M / world. Else token_budget_micro_batches
+    with `cost(indices)`, the positions of the tensor a micro-batch of these examples collates to."""
+    if config.max_tokens_per_micro_batch is not None:
+        return token_budget_micro_batches(lengths, world, config.max_tokens_per_micro_batch, cost=cost)
+    ga = config.gradient_accumulation_steps
+    micro = len(lengths) // ga
     local = micro // world
-    return [examples[m * micro + rank * local: m * micro + (rank + 1) * local] for m in range(gradient_accumulation_steps)]
-
-
-def gather_order(n: int, accelerator, gradient_accumulation_steps: int) -> list[int]:
-    """Global-batch index of each row of per-process results concatenated over micro-batches, then gathered over processes."""
-    world = data_parallel(accelerator)[1]
-    micro = n // gradient_accumulation_steps
-    local = micro // world
-    return [m * micro + r * local + j for r in range(world) for m in range(gradient_accumulation_steps) for j in range(local)]
+    return [[list(range(m * micro + r * local, m * micro + (r + 1) * local)) for m in range(ga)] for r in range(world)]
 
 
 def token_budget_micro_batches(lengths: list[int], world: int, max_tokens: int,
-                               positions: Callable[[list[int]], int] = sum) -> list[list[list[int]]]:
+                               positions: Callable[[list[int]], int] = sum, *,
+                               cost: Callable[[list[int]], int] | None = None) -> list[list[list[int]]]:
     """A global batch split into micro-batches by a token budget: plan[r][m] lists the global-batch indices (ascending)
     of process r's micro-batch m. `positions(lengths)` is the size of the tensor a micro-batch of examples of these
-    lengths collates to (data/packing.py Collate.positions: the sum for a flat packed row, rows x width when padded).
+    lengths collates to (data/packing.py Collate.positions: the sum for a flat packed row, rows x width when padded);
+    `cost(indices)`, when given, is that size for the examples at these indices instead (a DPO pair collates to two rows).
 
     A function of the batch's lengths alone, so every process computes the same plan without communicating. Each process
     gets len / world examples (equal shares: the results are gathered), dealt longest first in a snake order so the
@@ -288,11 +287,14 @@ def token_budget_micro_batches(lengths: list[int], world: int, max_tokens: int,
     for k, i in enumerate(order):
         turn, slot = divmod(k, world)
         shares[slot if turn % 2 == 0 else world - 1 - slot].append(i)
+    if cost is None:
+        def cost(indices: list[int]) -> int:
+            return positions([lengths[j] for j in indices])
     plan = []
     for share in shares:  # longest first already
         micros: list[list[int]] = []
         for i in share:
-            fit = next((m for m in micros if positions([lengths[j] for j in m + [i]]) <= max_tokens), None)
+            fit = next((m for m in micros if cost(m + [i]) <= max_tokens), None)
             if fit is None:
                 micros.append([i])
             else:
@@ -301,19 +303,18 @@ def token_budget_micro_batches(lengths: list[int], world: int, max_tokens: int,
     n_micro = max(len(micros) for micros in plan)
     for micros in plan:
         while len(micros) < n_micro:  # a share has at least n_micro examples, so one micro-batch has two or more
-            fullest = max((m for m in micros if len(m) > 1), key=lambda m: positions([lengths[j] for j in m]))
+            fullest = max((m for m in micros if len(m) > 1), key=cost)
             micros.remove(fullest)
             micros += [fullest[0::2], fullest[1::2]]  # longest first: alternate members keep the halves alike
     return [sorted((sorted(m) for m in micros), key=lambda m: m[0]) for micros in plan]
 
 
 def plan_gather_order(plan: list[list[list[int]]]) -> list[int]:
-    """Global-batch index of each row of per-process results concatenated over micro-batches, then gathered over processes
-    (gather_order for a token_budget_micro_batches plan)."""
+    """Global-batch index of each row of per-process results concatenated over micro-batches, then gathered over processes."""
     return [i for micros in plan for micro in micros for i in micro]
 
 
-def no_sync_unless_last(accelerator, model, m: int, gradient_accumulation_steps: int):
+def no_sync_unless_last(accelerator, model, m: int, n_micro: int):
     """DDP: gradient synchronisation only on the step's last micro-batch. FSDP: every micro-batch reduce-scatters.
 
     Under FSDP2, skipping the reduction keeps each process's full-size unsharded gradients until the last micro-batch,
@@ -321,7 +322,7 @@ def no_sync_unless_last(accelerator, model, m: int, gradient_accumulation_steps:
     accumulates sharded gradients in the master weights' dtype instead (fp32 by default), as the reference's FSDP did;
     it costs one reduce-scatter per micro-batch, which overlaps with the backward.
     """
-    if m == gradient_accumulation_steps - 1 or parallel_mode(accelerator) == "fsdp":
+    if m == n_micro - 1 or parallel_mode(accelerator) == "fsdp":
         return contextlib.nullcontext()
     return accelerator.no_sync(model)
 
@@ -329,7 +330,7 @@ def no_sync_unless_last(accelerator, model, m: int, gradient_accumulation_steps:
 def raise_if_not_finite(values: torch.Tensor, batch_ids: list, order: list[int], state: TrainState, run_dir: Path,
                         what: str = "loss") -> None:
     """Stop with the culprit examples and the last good checkpoint when a value is NaN or inf. values[k] belongs to the
-    batch's example order[k] (see gather_order); batch_ids are the batch's example ids."""
+    batch's example order[k] (see plan_gather_order); batch_ids are the batch's example ids."""
     finite = torch.isfinite(values)
     if finite.all():
         return
@@ -514,12 +515,23 @@ def generate_samples(config, accelerator, model, tokenizer, eval_data, eval_batc
     return rows[: len(indices)]
 
 
-def start_run(args: list[str], losses: tuple[str, ...], usage: str, build_accelerator):
+class Start(NamedTuple):
+    """What start_run checked and found: the config, the accelerator, the normalized data_files, the checkpoint to resume
+    (None: a fresh run) and the run settings it recorded, the run directory."""
+
+    config: Config
+    accelerator: Any
+    data_files: dict
+    resume_dir: Path | None
+    saved_run: dict | None
+    run_dir: Path
+
+
+def start_run(args: list[str], losses: tuple[str, ...], usage: str, build_accelerator) -> Start | None:
     """What a training script checks before any tokenizer, data or model is loaded: the config and its ranges, that its stage
     trains the configured loss (one of `losses`), the model's config.json, the parallel setup, the checkpoint to resume and the
     run directory. A null model.attn_implementation is picked here, where the device and the parallel mode are known
-    (training/attention.py). None when `--help` was asked for (printed here), else
-    (config, accelerator, data_files, resume_dir, saved_run, run_dir)."""
+    (training/attention.py). None when `--help` was asked for (printed here)."""
     from training.attention import resolve_attention
     from training.checks import check_stage, normalize_data_files, validate
     from training.cli import config_help, help_requested
@@ -551,4 +563,4 @@ def start_run(args: list[str], losses: tuple[str, ...], usage: str, build_accele
             log.info(note)
     data_files = normalize_data_files(config.data_files, config.datasets, log.warning)
     resume_dir, saved_run = resume_point(config, accelerator)
-    return config, accelerator, data_files, resume_dir, saved_run, pick_run_dir(config, accelerator, resume_dir)
+    return Start(config, accelerator, data_files, resume_dir, saved_run, pick_run_dir(config, accelerator, resume_dir))

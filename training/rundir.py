@@ -145,8 +145,8 @@ def read_lock(path: Path) -> dict[str, Any]:
 
 # Settings that fix the data order or what the counters (examples_seen, epoch, offset) and the optimizer state mean.
 # Changing any other setting (eval cadence, logging, n_examples, checkpoint retention) on resume is safe.
-SIGNATURE_KEYS = ("batch_size", "gradient_accumulation_steps", "seed", "datasets", "dataset_weights", "max_length",
-                  "max_prompt_length", "optimizer", "batching", "length_bucket_window")
+SIGNATURE_KEYS = ("batch_size", "gradient_accumulation_steps", "max_tokens_per_micro_batch", "seed", "datasets",
+                  "dataset_weights", "max_length", "max_prompt_length", "optimizer", "batching", "length_bucket_window")
 
 
 def run_signature(config: Config, data_fingerprint: str | None = None) -> dict[str, Any]:

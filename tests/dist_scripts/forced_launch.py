@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 import importlib  # noqa: E402
+import stage  # noqa: E402
 import training.loop  # noqa: E402
 from tests.forcing import dumping_resume, forced_accelerator  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
@@ -137,11 +138,11 @@ if os.environ.get("MMAP_THRESHOLD"):
     M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter; setting it also turns off the dynamic threshold, as the variable does
     ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(os.environ["MMAP_THRESHOLD"]))
 if MODE != "plain":
-    script.build_accelerator = lambda config: forced_accelerator(MODE, config)
+    stage.build_accelerator = lambda config: forced_accelerator(MODE, config)
 if os.environ.get("SLOW_DATA"):
     script.build_split = slow_first_split(script.build_split, float(os.environ["SLOW_DATA"]))
 if os.environ.get("OLD_DATA_WAIT"):
-    script.data_first = lambda accelerator, cache, node_local: accelerator.main_process_first()
+    stage.data_first = lambda accelerator, cache, node_local: accelerator.main_process_first()
 if os.environ.get("SLOW_LATEST_WRITE"):
     ckpt.save_file = slow_latest(ckpt.save_file, float(os.environ["SLOW_LATEST_WRITE"]))
 if os.environ.get("BARRIER_AFTER_SAVE"):
