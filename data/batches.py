@@ -51,16 +51,8 @@ def check_plan(n: int, batch_size: int, n_epochs: int | None, n_examples: int | 
         raise DataError(f"only {n} {what + ' ' if what else ''}example(s), fewer than one batch of {batch_size}: no batch can ever be formed")
 
 
-def plan_batches(
-    n: int,
-    batch_size: int,
-    seed: int,
-    n_epochs: int | None,
-    n_examples: int | None,
-    start_epoch: int = 0,
-    start_offset: int = 0,
-    groups: list[list[int]] | None = None,
-) -> Iterator[BatchPlan]:
+def plan_batches(n: int, batch_size: int, seed: int, n_epochs: int | None, n_examples: int | None, start_epoch: int = 0,
+                 start_offset: int = 0, groups: list[list[int]] | None = None) -> Iterator[BatchPlan]:
     """Batches of example indices in the reference's order, from position (start_epoch, start_offset).
 
     `groups` (DPO: the pair indices of each prompt) makes the groups the units that are shuffled; an epoch's order is then the
@@ -122,16 +114,8 @@ def collate_prompts(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def plan_length_bucketed(
-    lengths: list[int],
-    batch_size: int,
-    seed: int,
-    n_epochs: int | None,
-    n_examples: int | None,
-    start_epoch: int = 0,
-    start_offset: int = 0,
-    window_batches: int = 64,
-) -> Iterator[BatchPlan]:
+def plan_length_bucketed(lengths: list[int], batch_size: int, seed: int, n_epochs: int | None, n_examples: int | None,
+                         start_epoch: int = 0, start_offset: int = 0, window_batches: int = 64) -> Iterator[BatchPlan]:
     """Batches of similar-length examples, so a padded batch wastes little; same examples per epoch as the reference order.
 
     Each epoch takes the reference order's full batches (the same partial batch is dropped), cuts them into windows of
