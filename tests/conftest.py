@@ -53,3 +53,22 @@ def dist_runs(tmp_path_factory, tiny_llama) -> dict:
 
     tmp = tmp_path_factory.mktemp("runs")
     return {"tmp": tmp, "model": tiny_llama, "1proc": launch(tmp, tmp / "1proc", tiny_llama, "1proc")}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (setup.cfg: -n 2 --dist loadgroup) a module- or session-scoped fixture is built once per worker
+    that runs a test needing it. The tests sharing an expensive one therefore go to one worker: those of dist_runs (the
+    1-process baseline run) together, those of a module fixture (a run several tests read) with their module. tiny_llama
+    (a second to write) may be made once per worker."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        scopes = {fdefs[-1].scope for name in item.fixturenames if (fdefs := info.name2fixturedefs.get(name))
+                  and fdefs[-1].baseid.startswith("tests")}
+        if "dist_runs" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("dist_runs"))
+        elif "module" in scopes:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

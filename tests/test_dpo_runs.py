@@ -186,18 +186,22 @@ def subprocess_env() -> dict:
 def test_sft_then_dpo_through_the_command_line(tmp_path):
     """python sft_train.py recipes/demo.yaml, then python dpo_train.py recipes/demo_dpo.yaml on its LATEST/policy.pt: the
     archive loads strictly into both models (the first eval sees policy = reference: loss ln 2, rewards 0), and the DPO
-    run leaves the same checkpoint contract (policy.pt, hf export)."""
+    run leaves the same checkpoint contract (policy.pt, hf export). Both command lines run, one after the other, in children
+    forked from one process that imported the libraries once (tests/cli_runner.py), each as `python SCRIPT ARGS` would."""
     sft, dpo = tmp_path / "sft", tmp_path / "dpo"
     small = ["n_examples=64", "eval_every=64", "n_eval_examples=16", "eval_batch_size=16", "batch_size=16",
              "n_eval_model_samples=4", f"local_dirs=[{tmp_path}]"]
-    result = subprocess.run([sys.executable, "sft_train.py", "recipes/demo.yaml", f"run_dir={sft}", "export=false", *small],
-                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = subprocess.run([sys.executable, "dpo_train.py", "recipes/demo_dpo.yaml", f"run_dir={dpo}",
-                             f"model.archive={sft / 'LATEST' / 'policy.pt'}", *small],
-                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "train: 12000 pairs of 12000 prompts" in result.stdout
+    cases = [{"id": "sft", "argv": ["sft_train.py", "recipes/demo.yaml", f"run_dir={sft}", "export=false", *small]},
+             {"id": "dpo", "argv": ["dpo_train.py", "recipes/demo_dpo.yaml", f"run_dir={dpo}",
+                                    f"model.archive={sft / 'LATEST' / 'policy.pt'}", *small]}]
+    (tmp_path / "cases.json").write_text(json.dumps([{**case, "cwd": str(REPO)} for case in cases]))
+    subprocess.run([sys.executable, str(REPO / "tests" / "cli_runner.py"), str(tmp_path / "cases.json"),
+                    str(tmp_path / "results.json")], cwd=REPO, env=subprocess_env(), check=True, timeout=600)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["id"] for r in results] == ["sft", "dpo"]
+    for result in results:
+        assert result["code"] == 0, (result["id"], result["stderr"][-3000:])
+    assert "train: 12000 pairs of 12000 prompts" in results[1]["stdout"]
     first, last = records(dpo, "loss/eval")[0], records(dpo, "loss/eval")[-1]
     assert first["examples_seen"] == 0 and first["loss/eval"] == pytest.approx(math.log(2), rel=1e-6)
     assert first["rewards_eval/margins"] == 0.0 and first["rewards_eval/accuracies"] == 0.0
