@@ -18,7 +18,7 @@ from tests.tiny import tiny_data, tiny_model_dir, tiny_run_args
 from training.logger import MetricsLogger
 from training.loop import StopRequested, continue_command, restored_signal_handlers
 
-ONE = SimpleNamespace(num_processes=1)
+ONE = SimpleNamespace(num_processes=1, is_main_process=True)
 
 
 @pytest.fixture(scope="module")

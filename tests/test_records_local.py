@@ -50,5 +50,5 @@ def test_bad_rows_name_file_and_line(tmp_path, row, message):
 
 
 def test_needs_files():
-    with pytest.raises(ValueError, match="'jsonl' reads local files only"):
+    with pytest.raises(DataError, match=r"datasets=\[jsonl\] reads your own files and none are given for the train split"):
         load_records("jsonl", "train")
