@@ -9,6 +9,11 @@ for var, value in {
     "WANDB_MODE": "disabled",
     "OMP_NUM_THREADS": "1",  # tiny models: one thread is as fast and avoids oversubscription
     "TOKENIZERS_PARALLELISM": "false",
+    # compile=true tests on CPU: inductor's kernels as scalar C++ (no at::vec templates), compiled in this process (no pool
+    # of compile workers, each importing torch). g++ then takes a third of the time per kernel; what the tests check
+    # (graphs, breaks, recompiles, compiled == eager losses and gradients) does not depend on the vector width.
+    "TORCHINDUCTOR_VEC_ISA_OK": "0",
+    "TORCHINDUCTOR_COMPILE_THREADS": "1",
 }.items():
     os.environ.setdefault(var, value)
 

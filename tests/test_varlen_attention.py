@@ -283,7 +283,16 @@ def test_compiled_blocks_trace_the_kernel_without_a_graph_break_or_a_recompile(t
         torch._dynamo.reset()
 
 
-def test_flex_document_mask_fallback_equals_each_example_alone(tmp_path, monkeypatch):
+@pytest.fixture
+def vector_kernels(monkeypatch):
+    """FlexAttention's CPU lowering needs inductor's AVX2/AVX-512 kernels, which tests/conftest.py turns off for the other
+    compiled tests: back to the machine's own choice."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", None)
+
+
+def test_flex_document_mask_fallback_equals_each_example_alone(tmp_path, monkeypatch, vector_kernels):
     """Where there is no kernel (or it cannot take the dtype), the flat row runs FlexAttention with a document mask made
     from cu_seq_lens on the device, once per forward (forward only here: flex has no backward on CPU)."""
     monkeypatch.setattr(varlen, "KERNEL", None)
@@ -302,7 +311,7 @@ def test_flex_document_mask_fallback_equals_each_example_alone(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_transformers_flex_attention_separates_a_flat_row_by_its_positions(tmp_path):
+def test_transformers_flex_attention_separates_a_flat_row_by_its_positions(tmp_path, vector_kernels):
     """Why the suite can pick transformers' own flex_attention for fp32 packing: on the flat row (no cache) it builds a
     document BlockMask from the restarting position_ids, and every example's loss equals its loss alone."""
     model, sdpa = tiny_model(tmp_path, attention="flex_attention").eval(), tiny_model(tmp_path, attention="sdpa").eval()
