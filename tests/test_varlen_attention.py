@@ -286,10 +286,14 @@ def test_compiled_blocks_trace_the_kernel_without_a_graph_break_or_a_recompile(t
 @pytest.fixture
 def vector_kernels(monkeypatch):
     """FlexAttention's CPU lowering needs inductor's AVX2/AVX-512 kernels, which tests/conftest.py turns off for the other
-    compiled tests: back to the machine's own choice."""
+    compiled tests: back to the machine's own choice (inductor caches the list of usable ISAs, so it is asked again)."""
     import torch._inductor.config
+    from torch._inductor import cpu_vec_isa
 
     monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", None)
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    yield
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()  # the tests after it: scalar kernels again
 
 
 def test_flex_document_mask_fallback_equals_each_example_alone(tmp_path, monkeypatch, vector_kernels):
