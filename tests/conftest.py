@@ -60,6 +60,7 @@ def dist_runs(tmp_path_factory, tiny_llama) -> dict:
     return {"tmp": tmp, "model": tiny_llama, "1proc": launch(tmp, tmp / "1proc", tiny_llama, "1proc")}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (setup.cfg: -n 2 --dist loadgroup) a module- or session-scoped fixture is built once per worker
     that runs a test needing it. The tests sharing an expensive one therefore go to one worker: those of dist_runs (the

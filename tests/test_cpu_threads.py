@@ -57,3 +57,11 @@ def test_set_cpu_threads_on_a_tiny_model(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_environment_is_read_at_the_call(monkeypatch):
+    """datasets' map(num_proc=N) rebinds os.environ to a copy of itself: what a user unset afterwards must still count."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(os, "environ", os.environ.copy())
+    del os.environ["OMP_NUM_THREADS"]
+    assert cpu_threads_for(1000) == 1

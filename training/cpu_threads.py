@@ -25,8 +25,10 @@ SMALL_MODEL_PARAMETERS = 5_000_000
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def cpu_threads_for(n_parameters: int, environ=os.environ) -> int | None:
-    """Threads to use for a CPU model of this size, or None to keep torch's choice (OMP_NUM_THREADS set, or a large model)."""
+def cpu_threads_for(n_parameters: int, environ=None) -> int | None:
+    """Threads to use for a CPU model of this size, or None to keep torch's choice (OMP_NUM_THREADS set, or a large model).
+    `environ`: os.environ as it is at the call (datasets' map with num_proc rebinds os.environ to a copy of itself)."""
+    environ = os.environ if environ is None else environ
     if environ.get("OMP_NUM_THREADS"):
         return None
     return 1 if n_parameters < SMALL_MODEL_PARAMETERS else None
