@@ -252,7 +252,8 @@ def test_compiled_fsdp2_two_processes_match_one_eager_process(dist_runs, tmp_pat
     from tests.test_distributed import assert_same_training, launch, metrics
 
     eager = dist_runs["1proc"]
-    fsdp = launch(tmp_path, tmp_path / "fsdp", dist_runs["model"], "fsdp", "compile=true", "save_full_optimizer=true")
+    # dist_runs["tmp"]: the data cache of the 1-process run, so the 2 processes do not tokenize the demo's rows again
+    fsdp = launch(dist_runs["tmp"], tmp_path / "fsdp", dist_runs["model"], "fsdp", "compile=true", "save_full_optimizer=true")
     assert_same_training(fsdp, eager, rel=1e-4)
     assert [m["compile/graphs"] > 0 for m in metrics(fsdp) if "loss/train" in m] == [True] * 3
     units = dict(json.loads((fsdp / "parallel.json").read_text())["fsdp_units"])
