@@ -2,8 +2,8 @@
 changing shape, graph breaks counted and reported once, plain policy.pt keys, and refusals before any work.
 
 Each compiled run costs compile time on CPU, so there are few of them: SFT padded (GA 2, evals, samples, a stop and a
-resume), SFT packed (sdpa_packed), DPO, and one 2-process FSDP2 run (tests/test_distributed.py's recipe); LoRA's compiled blocks are checked on three packed
-micro-batches, without a run.
+resume), SFT packed (sdpa_packed), DPO, and one 2-process FSDP2 run (tests/test_distributed.py's recipe); LoRA's compiled
+blocks are checked on three packed micro-batches, without a run. tests/conftest.py has inductor build scalar CPU kernels.
 """
 
 from __future__ import annotations
