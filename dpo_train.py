@@ -118,7 +118,8 @@ def score_pairs(run: Run, model, pairs: list[dict], batch=None) -> tuple[torch.T
     return chosen.float(), rejected.float()
 
 
-DPO = Stage("dpo", "dpo_train.py", __doc__, LOSSES, load_data, train_step, evaluate, before_policy=load_reference)
+DPO = Stage("dpo", "dpo_train.py", __doc__, LOSSES, load_data, train_step, evaluate, before_policy=load_reference,
+            counted="pairs", policy="the DPO-trained policy")
 
 main, cli = DPO.main, DPO.cli  # main(argv) -> the run directory (None after --help); cli(): the `dpo-train` command
 

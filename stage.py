@@ -94,6 +94,8 @@ class Stage:
     train_step: Callable[[Run, list[int]], dict]  # one optimizer step over these training indices -> metrics
     evaluate: Callable[[Run], dict]  # metrics over run.eval_batches; main adds the samples
     before_policy: Callable[[Run], Any] | None = None  # -> run.reference, before the policy loads (DPO's reference)
+    counted: str = "examples"  # what its batch_size, n_examples and examples_seen count (the run's last lines)
+    policy: str = "the input of DPO"  # what its LATEST/policy.pt is for (the run's last lines)
 
     def main(self, argv: list[str] | None = None) -> Path | None:
         """A run of this stage from command-line words (default: sys.argv); its run directory, None after --help."""
@@ -141,7 +143,8 @@ def run_stage(stage: Stage, argv: list[str] | None = None) -> Path | None:
             command = shlex.join(sys.argv) if argv is None else None  # started from the shell: for the model card
             finish_run(config, run.run_dir, command)  # {run_dir}/hf from LATEST/policy.pt (no second gather)
             plot_run_or_warn(run.run_dir)
-            console.print(run_summary(run.state, run.run_dir, time.monotonic() - started), soft_wrap=True, highlight=False)
+            summary = run_summary(run.state, run.run_dir, time.monotonic() - started, stage.counted, stage.policy)
+            console.print(summary, soft_wrap=True, highlight=False)
     return run.run_dir
 
 

@@ -202,6 +202,9 @@ def test_sft_then_dpo_through_the_command_line(tmp_path):
     for result in results:
         assert result["code"] == 0, (result["id"], result["stderr"][-3000:])
     assert "train: 12000 pairs of 12000 prompts" in results[1]["stdout"]
+    assert "done: 64 examples, 4 updates" in results[0]["stdout"] and "policy (the input of DPO)" in results[0]["stdout"]
+    assert "done: 64 pairs, 4 updates" in results[1]["stdout"]  # batch_size and n_examples count pairs here
+    assert f"policy (the DPO-trained policy): {dpo}/LATEST/policy.pt" in results[1]["stdout"]
     first, last = records(dpo, "loss/eval")[0], records(dpo, "loss/eval")[-1]
     assert first["examples_seen"] == 0 and first["loss/eval"] == pytest.approx(math.log(2), rel=1e-6)
     assert first["rewards_eval/margins"] == 0.0 and first["rewards_eval/accuracies"] == 0.0

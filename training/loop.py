@@ -463,12 +463,14 @@ def prepare_run_dir(config: Config, accelerator, run_dir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def run_summary(state: TrainState, run_dir: Path, seconds: float) -> str:
-    """The end of a run: what trained, the final eval, and where the outputs are."""
+def run_summary(state: TrainState, run_dir: Path, seconds: float, counted: str = "examples",
+                policy: str = "the input of DPO") -> str:
+    """The end of a run: what trained (`counted`: what examples_seen counts), the final eval, and where the outputs are
+    (`policy`: what the stage's LATEST/policy.pt is for)."""
     metrics = state.eval_metrics or {}
-    lines = [f"[green]done[/green]: {state.examples_seen} examples, {state.updates} updates in {seconds / 60:.1f} min; "
+    lines = [f"[green]done[/green]: {state.examples_seen} {counted}, {state.updates} updates in {seconds / 60:.1f} min; "
              f"final eval loss {metrics.get('loss/eval', float('nan')):.4f}",
-             f"  policy (the input of DPO): {run_dir}/LATEST/policy.pt"]
+             f"  policy ({policy}): {run_dir}/LATEST/policy.pt"]
     if (run_dir / "hf").is_dir():
         lines.append(f"  Hugging Face export:       {run_dir}/hf")
     plots = sorted(p.name for p in run_dir.glob("*.png"))
