@@ -48,7 +48,7 @@ def load_reference(run: Run) -> ReferenceLogps:
     sharded like the policy), or precomputed for every pair the run visits, after which the model is freed."""
     config, accelerator = run.config, run.accelerator
     reference_config = dataclasses.replace(config.model, policy_dtype=config.model.reference_dtype)
-    model = load_model(reference_config, str(run.cache), **model_load_kwargs(config, accelerator))
+    model = load_model(reference_config, str(run.cache), "reference", **model_load_kwargs(config, accelerator))
     model = prepare_frozen(config, accelerator, model)
     if accelerator.is_main_process:
         units = sum(1 for m in model.modules() if type(m).__name__.startswith("FSDP"))

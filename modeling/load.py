@@ -49,8 +49,10 @@ def model_from_config(model_config: ModelConfig, device: str | torch.device | No
         return transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype(model_config.policy_dtype), **common)
 
 
-def load_model(model_config: ModelConfig, cache_dir: str | None = None, **kwargs) -> transformers.PreTrainedModel:
-    """The policy in `policy_dtype`, dropout off, `archive` loaded strictly. kwargs go to from_pretrained (e.g. device_map)."""
+def load_model(model_config: ModelConfig, cache_dir: str | None = None, role: str = "policy",
+               **kwargs) -> transformers.PreTrainedModel:
+    """The policy in `policy_dtype`, dropout off, `archive` loaded strictly. `role` names the model in the log (DPO loads
+    the reference too). kwargs go to from_pretrained (e.g. device_map)."""
     if model_config.random_init:
         model = model_from_config(model_config)
     else:
@@ -60,15 +62,15 @@ def load_model(model_config: ModelConfig, cache_dir: str | None = None, **kwargs
         )
     disable_dropout(model)
     if model_config.archive is not None and not receives_weights_from_rank0():
-        load_archive_state(model, model_config.archive)
+        load_archive_state(model, model_config.archive, role)
     return model
 
 
-def load_archive_state(model: torch.nn.Module, path: str) -> None:
+def load_archive_state(model: torch.nn.Module, path: str, role: str = "policy") -> None:
     """policy.pt's state into `model`, strictly. A file written under transformers 4.29 (the reference's own policy.pt) loads
     too: exactly its known extra buffers are dropped, after checking they hold their defaults (modeling/legacy_keys.py)."""
     archive = load_archive(path)
-    log.info("loading archive %s (step %s, metrics %s)", path, archive["step_idx"], archive["metrics"])
+    log.info("loading archive %s into the %s (step %s, metrics %s)", path, role, archive["step_idx"], archive["metrics"])
     try:
         state, dropped = from_transformers_429(archive["state"], model.config, set(model.state_dict()))
     except ValueError as e:
