@@ -205,6 +205,8 @@ def test_sft_then_dpo_through_the_command_line(tmp_path):
     assert "done: 64 examples, 4 updates" in results[0]["stdout"] and "policy (the input of DPO)" in results[0]["stdout"]
     assert "done: 64 pairs, 4 updates" in results[1]["stdout"]  # batch_size and n_examples count pairs here
     assert f"policy (the DPO-trained policy): {dpo}/LATEST/policy.pt" in results[1]["stdout"]
+    outputs = results[1]["stdout"].split("done: ")[1].splitlines()[1:]  # policy, export, plots: their paths in one column
+    assert len(outputs) == 3 and len({line.index(str(dpo)) for line in outputs}) == 1, outputs
     log = results[1]["stdout"] + results[1]["stderr"]
     assert all(f"loading archive {sft / 'LATEST' / 'policy.pt'} into the {role} (step 64" in log for role in ("reference", "policy"))
     first, last = records(dpo, "loss/eval")[0], records(dpo, "loss/eval")[-1]

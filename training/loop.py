@@ -463,20 +463,20 @@ def prepare_run_dir(config: Config, accelerator, run_dir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def run_summary(state: TrainState, run_dir: Path, seconds: float, counted: str = "examples",
-                policy: str = "the input of DPO") -> str:
+def run_summary(state: TrainState, run_dir: Path, seconds: float, counted: str, policy: str) -> str:
     """The end of a run: what trained (`counted`: what examples_seen counts), the final eval, and where the outputs are
-    (`policy`: what the stage's LATEST/policy.pt is for)."""
+    (`policy`: what the stage's LATEST/policy.pt is for), their paths in one column."""
     metrics = state.eval_metrics or {}
-    lines = [f"[green]done[/green]: {state.examples_seen} {counted}, {state.updates} updates in {seconds / 60:.1f} min; "
-             f"final eval loss {metrics.get('loss/eval', float('nan')):.4f}",
-             f"  policy ({policy}): {run_dir}/LATEST/policy.pt"]
+    outputs = [(f"policy ({policy})", f"{run_dir}/LATEST/policy.pt")]
     if (run_dir / "hf").is_dir():
-        lines.append(f"  Hugging Face export:       {run_dir}/hf")
+        outputs.append(("Hugging Face export", f"{run_dir}/hf"))
     plots = sorted(p.name for p in run_dir.glob("*.png"))
     if plots:
-        lines.append(f"  plots:                     {', '.join(str(run_dir / p) for p in plots)}")
-    return "\n".join(lines)
+        outputs.append(("plots", ", ".join(str(run_dir / p) for p in plots)))
+    width = max(len(label) for label, _ in outputs) + 1
+    return "\n".join([f"[green]done[/green]: {state.examples_seen} {counted}, {state.updates} updates in "
+                      f"{seconds / 60:.1f} min; final eval loss {metrics.get('loss/eval', float('nan')):.4f}",
+                      *(f"  {label + ':':<{width}} {value}" for label, value in outputs)])
 
 
 def start_wandb(config: Config, run_dir: Path, accelerator):
